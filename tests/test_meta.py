@@ -1,0 +1,196 @@
+"""Behaviour of lgl2o.meta: exact resume, checkpoint safety and errors, meta-gradients, and that meta-training learns."""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import NBS
+from lgl2o.learned import build_net
+from lgl2o.meta import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MetaConfig, MetaTrainer, atomic_save, load_checkpoint,
+                        make_task, meta_train, read_checkpoint, unroll)
+from lgl2o.tasks import LeastSquaresTask, MLPFamily, QuadraticFamily, QuadraticTask, spirals
+
+
+def strip(history):
+    "Metrics without the wall-clock times, which legitimately differ between runs"
+    return [{k: v for k, v in r.items() if k != 'seconds'} for r in history]
+
+
+def assert_same_net(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa: assert torch.equal(sa[k], sb[k]), k
+
+
+RESUME_CASES = {
+    # MLP net on an MLP family, train-by-validation (a second batch stream), checkpoint mid-trajectory
+    'mlp-family-validation': (MetaConfig(net='mlp', meta_steps=7, unroll=3, trajectory=7, meta_split='test', seed=3),
+                              lambda: MLPFamily(data=spirals(n=96, n_test=32), widths=(4, 6), depths=(1, 2), batch_size=16)),
+    # LSTM on a quadratic family, with evaluation and keep-best, weight decay through AdamW
+    'lstm-quadratic-eval': (MetaConfig(net='lstm', net_config={'hidden': 6}, task='quadratic_family', task_config={'dims': [4, 6]},
+                                       meta_steps=7, unroll=2, trajectory=5, eval_every=2, weight_decay=0.01, seed=5), None),
+}
+
+
+@pytest.mark.parametrize('case', list(RESUME_CASES))
+def test_resume_equals_uninterrupted(case, tmp_path):
+    "Crash after a checkpoint (metrics already logged past it), resume: same final meta-parameters, metrics and log"
+    config, make = RESUME_CASES[case]
+    task = make() if make else None
+    whole = MetaTrainer(config, tmp_path / 'whole', task=task, progress=False)
+    whole.train()
+
+    part = MetaTrainer(config, tmp_path / 'part', task=task, progress=False)
+    part.train(until=4)            # saves checkpoint.pt at meta-step 4 (mid-trajectory in both cases)
+    part.meta_step()               # one more step logged, then the process "dies" before the next save
+    del part
+    resumed = MetaTrainer.resume(tmp_path / 'part' / 'checkpoint.pt', task=task, progress=False)
+    assert resumed.step == 4
+    resumed.train()
+
+    assert_same_net(whole.net, resumed.net)
+    assert strip(whole.history) == strip(resumed.history)
+    logged = [json.loads(l) for l in (tmp_path / 'part' / 'metrics.jsonl').read_text().splitlines()]
+    assert strip(logged) == strip(whole.history)
+    for a, b in zip(whole.meta_opt.state_dict()['state'].values(), resumed.meta_opt.state_dict()['state'].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    if config.eval_every:
+        assert (tmp_path / 'whole' / 'best.pt').exists() and whole.best == resumed.best
+
+
+def test_meta_train_resume_flag(tmp_path):
+    config = MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 4}, meta_steps=6, unroll=2, trajectory=4, lr=0.05)
+    whole = meta_train(config, tmp_path / 'a', progress=False)
+    part = MetaTrainer(config, tmp_path / 'b', progress=False); part.train(until=3)
+    resumed = meta_train(config, tmp_path / 'b', resume=True, progress=False)
+    assert resumed.step == 6 and torch.equal(whole.net.log_lr, resumed.net.log_lr)
+    assert json.loads((tmp_path / 'b' / 'config.json').read_text()) == config.to_dict()
+
+
+def test_load_checkpoint_round_trip_and_errors(tmp_path):
+    config = MetaConfig(net='nominal', net_config={'hidden': 8}, task='quadratic', task_config={'dim': 3}, meta_steps=2, unroll=2, trajectory=4)
+    tr = meta_train(config, tmp_path, progress=False)
+    net, info = load_checkpoint(tmp_path / 'checkpoint.pt')
+    assert_same_net(net, tr.net)
+    assert info['kind'] == 'nominal' and info['net_config']['hidden'] == 8 and info['step'] == 2
+    assert MetaConfig.from_dict(info['meta_config']) == config
+    assert info['metrics']['step'] == 2
+
+    good = (tmp_path / 'checkpoint.pt').read_bytes()
+    (tmp_path / 'text.pt').write_text('hello')
+    (tmp_path / 'cut.pt').write_bytes(good[: len(good) // 2])
+    torch.save({'state_dict': {'w': torch.ones(1)}}, tmp_path / 'model.pt')
+    ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    torch.save({**ck, 'version': CHECKPOINT_VERSION + 1}, tmp_path / 'future.pt')
+    torch.save({**ck, 'kind': 'lstm'}, tmp_path / 'mismatch.pt')
+    for name, message in [('text.pt', 'not a readable lgl2o checkpoint'), ('cut.pt', 'not a readable lgl2o checkpoint'),
+                          ('model.pt', 'not an lgl2o meta-training checkpoint'),
+                          ('future.pt', f'format version {CHECKPOINT_VERSION + 1}'), ('mismatch.pt', 'damaged')]:
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match='no checkpoint file'):
+        load_checkpoint(tmp_path / 'absent.pt')
+
+
+def test_atomic_write_keeps_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    config = MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 3}, meta_steps=2, unroll=2, trajectory=4)
+    tr = meta_train(config, tmp_path, progress=False)
+    before = (tmp_path / 'checkpoint.pt').read_bytes()
+
+    real_save = torch.save
+    def failing_save(obj, f, *args, **kwargs):
+        real_save({'partial': torch.zeros(1000)}, f)        # bytes reach the temporary file...
+        raise OSError(28, 'No space left on device')        # ...then the disk fills up
+    monkeypatch.setattr(torch, 'save', failing_save)
+    tr.meta_step()
+    with pytest.raises(OSError, match='No space left'):
+        tr.save()
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert (tmp_path / 'checkpoint.pt').read_bytes() == before
+    assert read_checkpoint(tmp_path / 'checkpoint.pt')['step'] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt', 'config.json', 'metrics.jsonl']
+    with pytest.raises(OSError):   # a folder that cannot be written to fails loudly, nothing half-written
+        atomic_save({'x': 1}, tmp_path / 'checkpoint.pt' / 'inside.pt')
+
+
+def fixed_meta_loss(net, task, steps=20):
+    "The meta-loss of one unroll from a fixed start (no training)"
+    params = task.params(123)
+    return unroll(net, task, params, net.init_state(list(params.values())), task.batches(), steps, objective='mean').meta_loss.item()
+
+
+def test_meta_training_lowers_meta_loss_on_easy_quadratic():
+    task = QuadraticTask(dim=10, condition=10.0, seed=2)
+    config = MetaConfig(net='stepsize', net_config={'lr': 0.01}, task='quadratic', meta_steps=40, unroll=20, trajectory=20,
+                        objective='mean', lr=0.1, seed=0)
+    tr = MetaTrainer(config, task=task, progress=False)
+    before = fixed_meta_loss(tr.net, task)
+    tr.train()
+    after = fixed_meta_loss(tr.net, task)
+    assert after < before - 0.5 * (before - task.optimum)   # at least half of the gap above the optimum closed
+    assert 0.01 < tr.net.lr.item() < 2 / task.L              # a larger, still stable step size
+    losses = [r['meta_loss'] for r in tr.history]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    task = QuadraticTask(dim=6, condition=5.0, seed=0)
+    def loss_and_grad(lr, second_order):
+        net = build_net('stepsize', lr=lr)
+        res = unroll(net, task, task.params(0), [{}], task.batches(), 8, objective='sum', second_order=second_order)
+        return res.meta_loss.item(), torch.autograd.grad(res.meta_loss, net.log_lr)[0].item()
+    h = 1e-3
+    fd = (loss_and_grad(0.2 * math.exp(h), True)[0] - loss_and_grad(0.2 * math.exp(-h), True)[0]) / (2 * h)
+    exact, first = loss_and_grad(0.2, True)[1], loss_and_grad(0.2, False)[1]
+    assert math.isclose(exact, fd, rel_tol=1e-2)
+    assert not math.isclose(first, exact, rel_tol=1e-2)
+
+
+def test_divergence_skips_the_update_and_resets_the_trajectory():
+    config = MetaConfig(net='stepsize', net_config={'lr': 1e5}, task='quadratic', task_config={'dim': 5, 'condition': 2.0},
+                        meta_steps=1, unroll=20, trajectory=100)
+    tr = MetaTrainer(config, progress=False)
+    before = tr.net.log_lr.detach().clone()
+    rec = tr.meta_step()
+    assert rec['meta_loss'] is None and rec['meta_grad_norm'] is None
+    assert torch.equal(tr.net.log_lr.detach(), before) and tr.traj is None
+
+
+def test_train_by_validation_uses_the_held_out_split():
+    task = LeastSquaresTask(dim=30, n_train=20, n_valid=20, n_test=20, seed=0)
+    net = build_net('stepsize', lr=0.05)
+    p = task.params(0)
+    train = unroll(net, task, p, [{}], task.batches(), 5)
+    valid = unroll(net, task, p, [{}], task.batches(), 5, meta_batches=task.batches(split='valid'))
+    torch.testing.assert_close(train.params['w'], valid.params['w'])     # same optimizee trajectory
+    assert valid.meta_loss.item() != train.meta_loss.item()               # different meta-objective
+    with pytest.raises(ValueError, match="no split 'valid'"):
+        MetaTrainer(MetaConfig(net='stepsize', task='quadratic', meta_split='valid'), progress=False)
+
+
+def test_config_round_trip_and_errors():
+    config = MetaConfig(net='mlp', net_config={'hidden': 16}, task='mlp_family', task_config={'widths': [10, 20]}, clip_grad=None)
+    assert MetaConfig.from_json(config.to_json()) == config
+    assert MetaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for bad, message in [({'net': 'rnn'}, "unknown net 'rnn'"), ({'task': 'cifar'}, "unknown task 'cifar'"),
+                         ({'objective': 'max'}, "unknown objective 'max'"), ({'trajectory': 0}, 'trajectory must be an integer >= 1'),
+                         ({'meta_split': 'dev'}, "meta_split must be"), ({'lr': -1.0}, 'lr must be > 0')]:
+        with pytest.raises(ValueError, match=message):
+            MetaConfig(**bad)
+    with pytest.raises(ValueError, match=r"unknown MetaConfig keys \['epochs'\]"):
+        MetaConfig.from_dict({'epochs': 3})
+    with pytest.raises(ValueError, match="unknown task 'cifar'"):
+        make_task('cifar')
+
+
+def test_meta_notebook_results(run_notebook):
+    _, res = run_notebook(NBS / '03_meta.ipynb')
+    ss = res['stepsize']
+    assert ss['meta_loss_last'] < ss['meta_loss_first']
+    assert ss['eta_start'] < ss['eta_end'] < ss['two_over_L']
+    lstm = res['lstm']
+    assert all(math.isfinite(lstm[k]) for k in ('mean_loss_first', 'mean_loss_last'))
+    assert 0 < res['seconds_per_meta_iteration']['threads_1']['wall'] < 60
