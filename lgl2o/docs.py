@@ -564,7 +564,7 @@ def render_page(nb, page: Page, pages: dict, sidebar: list, project: Project, ex
     body, _ = exporter.from_notebook_node(nb, resources=resources)
     return finish_page(body, page, pages, project.site_url)
 
-# %% ../nbs/07_docs.ipynb #5f7b555b
+# %% ../nbs/07_docs.ipynb #9a998f2d
 def _processed(proc: Path) -> list[Path]:
     return sorted(p for p in proc.rglob('*.ipynb') if not any(part[0] in '._' for part in p.relative_to(proc).parts))
 
@@ -600,7 +600,8 @@ def render_static(project: Project, proc, out, sidebar, pages, log=print) -> Non
 
 def render_quarto(project: Project, proc, out, log=print) -> None:
     "Render the processed notebooks with Quarto, as `nbdev_docs` does, and move the site to `out`"
-    subprocess.run(['quarto', 'render', '--no-cache'], cwd=proc, check=True)
+    env = {**os.environ, 'QUARTO_PYTHON': os.environ.get('QUARTO_PYTHON', sys.executable)}  # this environment's Jupyter
+    subprocess.run(['quarto', 'render', '--no-cache'], cwd=proc, check=True, env=env)
     built = Path(proc) / project.doc_path.name
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(built), str(out))
