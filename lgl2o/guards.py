@@ -50,14 +50,25 @@ def grad_norm(grads: list[Tensor]) -> float:
     "The Euclidean norm of a list of tensors taken as one vector"
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() if grads else 0.0
 
-# %% ../nbs/02_guards.ipynb #2e6aebec
+# %% ../nbs/02_guards.ipynb #8b975061
+def _flat_buffer(params: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
+    "A buffer shaped like `params`: one flat tensor and a view per parameter (a list of tensors if dtypes or devices differ)"
+    if len({(p.dtype, p.device) for p in params}) != 1: return None, [torch.empty_like(p) for p in params]  # also no params
+    flat = params[0].new_empty(sum(p.numel() for p in params))
+    return flat, [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+
 class CandidateBuffers:
     "Saved copies of theta, theta_L and theta_F, and in-place moves of the parameters between them"
     def __init__(self, params: list[Tensor]):
         self.params = params
-        self.saved = {w: [torch.empty_like(p) for p in params] for w in ('theta', *CHOICES)}
+        self.flat, self.saved = {}, {}
+        for w in ('theta', *CHOICES): self.flat[w], self.saved[w] = _flat_buffer(params)
         self.finite = {c: False for c in CHOICES}  # whether each candidate has only finite entries
         self.holding = None                        # which saved point the parameters hold now (None: unknown)
+
+    def _finite(self, which: str) -> bool:
+        flat = self.flat[which]  # one reduction over the flat buffer when there is one
+        return all_finite(self.saved[which]) if flat is None else bool(flat.sum().isfinite())
 
     @torch.no_grad()
     def load(self, which: str):
@@ -75,14 +86,14 @@ class CandidateBuffers:
         learned.step()
         torch._foreach_copy_(self.saved['learned'], self.params)
         self.holding = 'learned'
-        self.finite = {c: all_finite(self.saved[c]) for c in CHOICES}
+        self.finite = {c: self._finite(c) for c in CHOICES}
 
     @torch.no_grad()
     def differ(self, which: str) -> bool:
         "Whether the parameters differ from the saved point `which`"
         return not all(torch.equal(p, s) for p, s in zip(self.params, self.saved[which]))
 
-# %% ../nbs/02_guards.ipynb #bcb1a2b1
+# %% ../nbs/02_guards.ipynb #026dcb95
 class Guard(Optimizer):
     "Shared machinery of the guards: two candidates from one gradient, a rule, a choice"
     def __init__(self, learned: Optimizer,  # the optimizer to guard (any `torch.optim.Optimizer`)
@@ -155,7 +166,7 @@ class Guard(Optimizer):
                                  "Lower the learning rates, or check the data and the model for NaN/inf.")
 
     # one step -------------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], Tensor],  # returns the minibatch loss as a scalar tensor, no backward()
+    def step(self, closure: Callable[[], Tensor] | None = None,  # returns the minibatch loss as a scalar tensor, no backward()
              eval_closure: Callable[[], Tensor] | None = None  # if given, decide this step at once on its minibatch
             ) -> Tensor:
         "One guarded step on `closure`'s minibatch; returns the loss at the parameters the step starts from"
