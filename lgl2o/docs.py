@@ -230,7 +230,7 @@ def execute_notebooks(project: Project, dest, small: bool = False, log=print) ->
         log(f"executed {rel} in {time.time() - t:.1f} s" + (f" with {params}" if params else ''))
     return dest
 
-# %% ../nbs/07_docs.ipynb #a4fb0837
+# %% ../nbs/07_docs.ipynb #ab83092f
 def _drop_harness_parameters(nb) -> None:
     "Remove `results_path` from papermill's injected-parameters cell; the cell goes if nothing else is left"
     keep = []
@@ -263,6 +263,10 @@ def stage_sources(project: Project, executed, stage, sidebar) -> Path:
             raise DocsError(f"{src} is missing: --executed must hold every notebook of {project.nbs.name}/ (same layout); "
                             f"execute {rel} there or leave out --executed")
         copy = nbformat.read(src, as_version=4)
+        failed = [i for i, c in enumerate(copy.cells) if c.cell_type == 'code' and 'raises-exception' not in c.metadata.get('tags', [])
+                  and any(o.output_type == 'error' for o in c.get('outputs', []))]
+        if copy.metadata.get('papermill', {}).get('exception') or failed:
+            raise DocsError(f"{src} records a failed run (an error in cell {failed[:1] or '?'}); fix {rel} or execute it again")
         _drop_harness_parameters(copy)
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(copy, stage / rel)
