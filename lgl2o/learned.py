@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['GRAD_LIMIT', 'NETS', 'LearnedNet', 'guard_grads', 'flat_cat', 'unflatten', 'check_update_args', 'lstm_preprocess',
-           'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet', 'StepSizeNet',
-           'build_net', 'LearnedOptimizer']
+__all__ = ['GRAD_LIMIT', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views', 'flat_cat', 'unflatten', 'check_update_args',
+           'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
+           'StepSizeNet', 'build_net', 'LearnedOptimizer']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -38,16 +38,29 @@ class LearnedNet(nn.Module):
 
     def extra_repr(self) -> str: return ', '.join(f'{k}={v!r}' for k, v in self.config.items())
 
-# %% ../nbs/01_learned.ipynb #dcc4240c
+# %% ../nbs/01_learned.ipynb #fb3d235d
 GRAD_LIMIT = 1e15  # |g| is clipped here so that squares and sums of squares stay finite in float32
 
 def guard_grads(g: Tensor) -> Tensor:
     "Gradients made safe for the nets' features: NaN -> 0, magnitudes clipped to `GRAD_LIMIT`"
     return torch.nan_to_num(g, nan=0.0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT).clamp(-GRAD_LIMIT, GRAD_LIMIT)
 
+def cat_views(chunks: list[Tensor], dim: int = 0) -> Tensor:
+    "`torch.cat(chunks, dim)`, but free when the chunks are, in order, all of the one tensor they are views of"
+    base = chunks[0]._base   # our own updates return states and parameters as views of one flat result
+    if base is not None and base.dim() == chunks[0].dim():
+        offset = base.storage_offset()
+        for c in chunks:
+            same_frame = c.shape[:dim] == base.shape[:dim] and c.shape[dim + 1:] == base.shape[dim + 1:]
+            if c._base is not base or c.stride() != base.stride() or c.storage_offset() != offset or not same_frame: break
+            offset += c.shape[dim] * base.stride(dim)
+        else:
+            if sum(c.shape[dim] for c in chunks) == base.shape[dim]: return base
+    return torch.cat(chunks, dim)
+
 def flat_cat(tensors: list[Tensor]) -> Tensor:
     "All `tensors` flattened and concatenated into one vector"
-    return torch.cat([t.reshape(-1) for t in tensors])
+    return cat_views([t.reshape(-1) for t in tensors])
 
 def unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     "Split a flat vector (or an [N, k] matrix, by rows) back into tensors shaped like `like`"
@@ -67,7 +80,7 @@ def lstm_preprocess(g: Tensor, p: float = 10.0, eps: float = 1e-8) -> Tensor:
     "Andrychowicz et al.'s gradient preprocessing: [..., 2] of (log-magnitude / p, clamped e^p g)"
     return torch.stack([(torch.log(g.abs() + eps) / p).clamp(min=-1.0), (g * math.exp(p)).clamp(-1.0, 1.0)], -1)
 
-# %% ../nbs/01_learned.ipynb #826b1cb6
+# %% ../nbs/01_learned.ipynb #c2f8b4c9
 class LSTMNet(LearnedNet):
     "Andrychowicz et al.'s coordinatewise LSTM optimizer: one shared LSTM, a hidden state per coordinate"
     kind = 'lstm'
@@ -84,18 +97,35 @@ class LSTMNet(LearnedNet):
         self.head = nn.Linear(hidden, 1)
 
     def init_state(self, params):
-        shape = lambda p: (self.config['layers'], p.numel(), self.config['hidden'])
-        return [{'h': p.new_zeros(shape(p)), 'c': p.new_zeros(shape(p))} for p in params]
+        keys = [f'{k}{l}' for l in range(self.config['layers']) for k in 'hc']   # h0, c0, h1, c1, ...
+        return [{k: p.new_zeros(self.config['hidden'], p.numel()) for k in keys} for p in params]
+
+    def cell(self, x: Tensor, h: list[Tensor], c: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        "One step of the stacked LSTM for all coordinates: input [2, N], per-layer states [hidden, N] -> new h, c lists"
+        hs, cs, inp, ones = [], [], x, x.new_ones(1, x.shape[1])
+        for l in range(self.config['layers']):
+            lstm = self.lstm   # the bias rides as a last column against a row of ones: one GEMM, no broadcast copy
+            b = getattr(lstm, f'bias_ih_l{l}') + getattr(lstm, f'bias_hh_l{l}')
+            w = torch.cat([getattr(lstm, f'weight_ih_l{l}'), getattr(lstm, f'weight_hh_l{l}'), b[:, None]], 1)
+            i, f, g, o = torch.mm(w, torch.cat([inp, h[l], ones], 0)).chunk(4, 0)   # torch's gate order
+            cs.append(torch.sigmoid(f) * c[l] + torch.sigmoid(i) * torch.tanh(g))
+            hs.append(torch.sigmoid(o) * torch.tanh(cs[-1]))
+            inp = hs[-1]
+        return hs, cs
 
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
-        sizes = [p.numel() for p in params]
-        x = lstm_preprocess(guard_grads(flat_cat(grads)), self.config['preproc'])
-        hc = (torch.cat([s['h'] for s in states], 1), torch.cat([s['c'] for s in states], 1))
-        out, (h, c) = self.lstm(x.unsqueeze(0), hc)          # every coordinate of every tensor in one call
-        delta = self.config['scale'] * self.head(out[0]).squeeze(-1)
+        sizes, layers = [p.numel() for p in params], range(self.config['layers'])
+        x = lstm_preprocess(guard_grads(flat_cat(grads)), self.config['preproc']).T          # [2, N]
+        gather = lambda k: cat_views([s[k] for s in states], 1)
+        hs, cs = self.cell(x, [gather(f'h{l}') for l in layers], [gather(f'c{l}') for l in layers])
+        delta = self.config['scale'] * torch.addmm(self.head.bias[:, None], self.head.weight, hs[-1])[0]
         new = flat_cat(params) + delta.to(params[0].dtype)
-        return unflatten(new, params), [{'h': hi, 'c': ci} for hi, ci in zip(h.split(sizes, 1), c.split(sizes, 1))]
+        new_states = [{} for _ in params]
+        for l in layers:
+            for k, t in ((f'h{l}', hs[l]), (f'c{l}', cs[l])):
+                for s, piece in zip(new_states, t.split(sizes, 1)): s[k] = piece
+        return unflatten(new, params), new_states
 
 # %% ../nbs/01_learned.ipynb #c2089c4a
 @lru_cache(maxsize=64)
@@ -119,7 +149,7 @@ def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: lis
         new.append({'row': row, 'col': col})
     return vf, new
 
-# %% ../nbs/01_learned.ipynb #e1476a0d
+# %% ../nbs/01_learned.ipynb #46e3051f
 class MLPNet(LearnedNet):
     "Per-parameter MLP learned optimizer on normalised momentum features (small_fc_lopt style)"
     kind = 'mlp'
@@ -164,8 +194,8 @@ class MLPNet(LearnedNet):
         "Normalised features [N, F], flat g and p, momenta m [N, K], second moment v [N], and the new states"
         cfg, sizes = self.config, tuple(p.numel() for p in params)
         g, p = guard_grads(flat_cat(grads)), flat_cat(params)
-        m = torch.lerp(g[:, None], torch.cat([s['m'] for s in states]), self.decays)   # beta*m + (1-beta)*g
-        v = torch.lerp(g * g, torch.cat([s['v'] for s in states]), cfg['beta2'])
+        m = torch.lerp(g[:, None], cat_views([s['m'] for s in states]), self.decays)   # beta*m + (1-beta)*g
+        v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         rs = torch.rsqrt(v + cfg['eps'])
         cols = [g[:, None], p.clamp(-GRAD_LIMIT, GRAD_LIMIT)[:, None], m, v.sqrt()[:, None], m * rs[:, None], rs[:, None]]
         new_states = [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes), v.split(sizes))]

@@ -193,4 +193,5 @@ def test_meta_notebook_results(run_notebook):
     assert ss['eta_start'] < ss['eta_end'] < ss['two_over_L']
     lstm = res['lstm']
     assert all(math.isfinite(lstm[k]) for k in ('mean_loss_first', 'mean_loss_last'))
-    assert 0 < res['seconds_per_meta_iteration']['threads_1']['wall'] < 60
+    t1 = res['seconds_per_meta_iteration']['threads_1']
+    assert 0 < t1['wall_min'] <= t1['wall_median'] < 60 and 0 < t1['cpu_median'] < 60
