@@ -93,7 +93,7 @@ class CandidateBuffers:
         "Whether the parameters differ from the saved point `which`"
         return not all(torch.equal(p, s) for p, s in zip(self.params, self.saved[which]))
 
-# %% ../nbs/02_guards.ipynb #026dcb95
+# %% ../nbs/02_guards.ipynb #c8f3b8a0
 class Guard(Optimizer):
     "Shared machinery of the guards: two candidates from one gradient, a rule, a choice"
     def __init__(self, learned: Optimizer,  # the optimizer to guard (any `torch.optim.Optimizer`)
@@ -135,6 +135,8 @@ class Guard(Optimizer):
     def pending(self) -> bool:
         "Whether the last step's choice still waits for the next minibatch"
         return self._pending
+
+    def __getstate__(self): return dict(self.__dict__)  # copy.deepcopy / pickle keep both optimizers and the buffers
 
     def __repr__(self):
         return (f"{type(self).__name__}(learned={type(self.learned).__name__}, fallback={type(self.fallback).__name__}, "

@@ -275,6 +275,18 @@ def test_state_dict_round_trip_continues_identically(guard_cls, compare, model_f
 
 
 @pytest.mark.parametrize('guard_cls', GUARDS, ids=lambda c: c.__name__)
+def test_deepcopy_of_model_and_guard_continues_identically(guard_cls):
+    task = spiral_task()
+    data = [b for b, _ in zip(task.batches(1), range(10))]
+    m = task.init(0)
+    g = guard_cls(torch.optim.Adam(m.parameters(), lr=0.05), torch.optim.SGD(m.parameters(), lr=0.5))
+    run_guard(g, m, task, data[:5])
+    m2, g2 = copy.deepcopy((m, g))
+    assert g2.learned.param_groups[0]['params'][0] is next(m2.parameters())
+    assert run_guard(g, m, task, data[5:]) == run_guard(g2, m2, task, data[5:])
+
+
+@pytest.mark.parametrize('guard_cls', GUARDS, ids=lambda c: c.__name__)
 def test_scheduler_decays_the_fallback(guard_cls):
     m = torch.nn.Linear(2, 1)
     learned, fallback = torch.optim.Adam(m.parameters(), lr=0.01), torch.optim.SGD(m.parameters(), lr=1.0)
