@@ -286,7 +286,7 @@ def evaluate_net(net: LearnedNet, task: Task, steps: int, seed: int = 0) -> dict
     final = task.evaluate(params) if all(math.isfinite(l) for l in losses) else {'loss': math.inf}
     return {'train_loss': float(np.mean(losses)), **{f'eval_{k}': v for k, v in final.items()}}
 
-# %% ../nbs/03_meta.ipynb #78b5bd64
+# %% ../nbs/03_meta.ipynb #6b688a2e
 @dataclass
 class _Trajectory:
     task: Task
@@ -299,7 +299,7 @@ class _Trajectory:
     step: int = 0
 
 def instance_seeds(seed: int, meta_step: int, index: int) -> tuple[int, int, int]:
-    "(task, init, batch) seeds of task instance `index` of the trajectories that start at `meta_step`: independent of processes"
+    "(task, init, batch) seeds of task instance `index` of the trajectories that start after `meta_step` meta-steps: independent of processes"
     state = np.random.SeedSequence([int(seed) % 2**63, int(meta_step), int(index)]).generate_state(3)
     return tuple(int(v) % 2**31 for v in state)
 
@@ -326,7 +326,7 @@ def _task_on(task: Task, device: torch.device) -> Task:
         elif isinstance(v, (Tensor, dict, list, tuple)): setattr(moved, k, to_device(v, device))
     return moved
 
-# %% ../nbs/03_meta.ipynb #094520da
+# %% ../nbs/03_meta.ipynb #74fe0d91
 class MetaTrainer:
     "Meta-trains a learned optimizer by truncated backpropagation through unrolls; resumable, and distributed under torchrun"
     def __init__(self,
@@ -513,8 +513,10 @@ class MetaTrainer:
         mine = None if trajs is None else trajs[self.rank * self.local_tasks:(self.rank + 1) * self.local_tasks]
         self.trajs = None if mine is None else [self._start_trajectory(tuple(t['seeds']), t['params'], t['states'], t['step'], tuple(t['consumed']))
                                                 for t in mine]
-        if self.out_dir is not None and (self.out_dir / 'metrics.jsonl').exists() and is_main():   # drop lines written after the checkpoint
-            (self.out_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in self.history))
+        if self.out_dir is not None and is_main():
+            for stale in self.out_dir.glob('.*.pt.*.tmp'): stale.unlink(missing_ok=True)   # a write cut short by a kill
+            if (self.out_dir / 'metrics.jsonl').exists():   # drop lines written after the checkpoint
+                (self.out_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in self.history))
         return self
 
 # %% ../nbs/03_meta.ipynb #ca06119a
