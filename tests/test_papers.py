@@ -13,3 +13,28 @@ def test_stability_linear_optimizer_claims(run_notebook):
         else: assert sim == math.inf and th == math.inf
     assert r['max_relative_gap'] < 0.1
     assert all(math.isfinite(v) for v in r['final_loss'].values())
+
+
+def test_step_size_meta_objective_claims(run_notebook):
+    "Seed 002: naive meta-gradient explodes, log one stays bounded; normalised beats plain backprop; meta-trained eta; train-by-validation"
+    _, r = run_notebook(NBS / 'papers' / 'step_size.ipynb')
+    # the naive meta-gradient spans many orders of magnitude over eta; the log objective's stays bounded
+    assert max(r['naive_log10']) - min(r['naive_log10']) > 50
+    assert all(1e-3 < abs(g) < 100 for g in r['log_grad'])
+    # past 2/lambda_max, log10|F'| grows with t at the rate 2 log10 rho(eta)
+    assert math.isclose(r['growth_per_t']['0.6'], 2 * math.log10(r['rho']['0.6']), rel_tol=0.05)
+    # the normalised float32 computation matches the float64 reference everywhere; plain backprop only where f(w_t) fits
+    for c in r['check']:
+        assert c['normalised_rel_err'] < 1e-4, c
+        if c['eta'] < r['two_over_lmax']: assert c['plain_rel_err'] < 1e-3, c
+    assert max(c['plain_rel_err'] for c in r['check']) > 0.5
+    assert all(math.isfinite(g) for g in r['norm32_log_grad'])
+    # meta-training eta from 0.1 moves it to the finite-horizon optimum, near 2/(lmin + lmax)
+    eta = r['meta_path'][-1]
+    assert abs(eta - r['finite_t_opt']) < 0.02 and 0.85 < eta / r['eta_star'] < 1.05
+    assert r['eta0'] < r['paper_meta_path'][-1] < eta   # the paper's smaller steps move the same way, more slowly
+    # few noisy samples: train-by-train picks a larger eta and generalises worse; many samples: both fine
+    few, many = r['least_squares']['few samples'], r['least_squares']['many samples']
+    assert few['tbt_eta'] > 5 * few['tbv_eta']
+    assert few['tbt_test'] > 1.1 * few['tbv_test']
+    assert abs(many['tbt_test'] - many['tbv_test']) < 0.05 * many['tbv_test']
