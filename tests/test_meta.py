@@ -195,3 +195,5 @@ def test_meta_notebook_results(run_notebook):
     assert all(math.isfinite(lstm[k]) for k in ('mean_loss_first', 'mean_loss_last'))
     t1 = res['seconds_per_meta_iteration']['threads_1']
     assert 0 < t1['wall_min'] <= t1['wall_median'] < 60 and 0 < t1['cpu_median'] < 60
+    by_tasks = res['seconds_per_meta_step_by_tasks']   # 1 and N task instances per meta-step (issue #8)
+    assert len(by_tasks) == 2 and '1' in by_tasks and all(0 < t < 60 for t in by_tasks.values())
