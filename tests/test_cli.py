@@ -124,6 +124,12 @@ def test_unknown_option_and_missing_things(tmp_path):
     assert_usage_error(inproc('--out', tmp_path, '--task-config', '[1]'), 'JSON object')
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_device_without_gpu(tmp_path):
+    assert_usage_error(inproc('--out', tmp_path / 'r', '--device', 'cuda', *TINY), 'sees no CUDA GPU')
+    assert_usage_error(inproc('--out', tmp_path / 'r', '--device', 'tpu', *TINY), "device must be 'cpu', 'cuda' or 'cuda:N'")
+
+
 def test_conflicting_options(tmp_path):
     out = tmp_path / 'r'
     assert train_main(['--out', str(out), *TINY]) == 0
