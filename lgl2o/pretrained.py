@@ -20,7 +20,7 @@ from .learned import LearnedNet, build_net
 __all__ = ['NET_FORMAT', 'NET_VERSION', 'net_record', 'save_net', 'net_from_record', 'load_net', 'pretrained_names',
            'load_pretrained', 'pretrained_config', 'pretrained_metrics', 'pretrained_info']
 
-# %% ../nbs/04_pretrained.ipynb #fb1b6554
+# %% ../nbs/04_pretrained.ipynb #1d55bf76
 NET_FORMAT = 'lgl2o-net'
 NET_VERSION = 1
 
@@ -40,6 +40,7 @@ def save_net(net: LearnedNet, path, info: dict | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f: torch.save(net_record(net, info), f)
+        os.chmod(tmp, 0o644)   # an ordinary readable file, not the private mode of a temporary one
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -89,7 +90,7 @@ def load_pretrained(name: str) -> LearnedNet:
     _check_name(name)
     return net_from_record(_torch_load((_folder() / f'{name}.pt').read_bytes(), f'pretrained {name!r}'), f'pretrained {name!r}')[0]
 
-# %% ../nbs/04_pretrained.ipynb #ca37ef59
+# %% ../nbs/04_pretrained.ipynb #ccb47f37
 def pretrained_config(name: str) -> dict:
     "The `MetaConfig` fields (a dict) that a shipped net was meta-trained with"
     _check_name(name)
@@ -108,5 +109,5 @@ def pretrained_info(name: str) -> dict:
     config = pretrained_config(name)
     return {'name': name, 'kind': config['net'], 'task': config['task'], 'config': config, 'seed': config['seed'],
             'command': f'lgl2o-train --config lgl2o/pretrained/{name}.json --out runs/{name}',
-            'output': f'runs/{name}/net.pt', 'summary': info.get('summary', {}), 'versions': info.get('versions', {}),
+            'output': f'runs/{name}/net.pt', 'summary': info.get('summary', {}), 'selected': info.get('selected'), 'versions': info.get('versions', {}),
             'trained_with': info.get('command')}

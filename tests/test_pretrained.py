@@ -1,0 +1,132 @@
+"""Behaviour of lgl2o.pretrained: the shipped nets load offline in a fresh process, step models, say how to regenerate
+them, and the LSTM beats tuned SGD and Adam in distribution."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import NBS, ROOT
+from lgl2o.cli import train_main
+from lgl2o.learned import LearnedNet, LearnedOptimizer
+from lgl2o.meta import MetaConfig
+from lgl2o.pretrained import (load_net, load_pretrained, pretrained_config, pretrained_info, pretrained_metrics,
+                              pretrained_names, save_net)
+from lgl2o.tasks import mnist_mlp
+
+SHIPPED = ['lstm-mnist', 'mlp-mnist', 'nominal-mnist']
+
+
+def test_names():
+    assert set(SHIPPED) <= set(pretrained_names())
+    assert pretrained_names() == sorted(pretrained_names())
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_loads_and_steps_a_model(name):
+    net = load_pretrained(name)
+    assert isinstance(net, LearnedNet) and net.kind == pretrained_info(name)['kind']
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    task = mnist_mlp()
+    model = task.init(7)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = LearnedOptimizer(model.parameters(), net)
+    batches, losses = task.batches(7), []
+    for _ in range(10):
+        loss = task.loss(model, next(batches))
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+    moved = [(p - b).abs().max().item() for p, b in zip(model.parameters(), before)]
+    assert all(math.isfinite(m) for m in moved) and max(moved) > 0
+
+
+def test_unknown_name_lists_the_names():
+    with pytest.raises(ValueError) as e: load_pretrained('lstm-cifar')
+    assert 'lstm-cifar' in str(e.value) and all(n in str(e.value) for n in SHIPPED)
+    with pytest.raises(ValueError): pretrained_info('nope')
+
+
+def test_loads_are_independent():
+    a, b = load_pretrained('lstm-mnist'), load_pretrained('lstm-mnist')
+    with torch.no_grad(): next(a.parameters()).zero_()
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+
+
+NO_NETWORK = r'''
+import socket, sys
+def refuse(*a, **k): raise OSError('network access attempted')
+socket.socket = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse
+import torch
+from lgl2o.pretrained import load_pretrained, pretrained_names, pretrained_info
+from lgl2o.learned import LearnedOptimizer
+for name in pretrained_names():
+    net = load_pretrained(name)
+    pretrained_info(name)
+    w = torch.nn.Parameter(torch.randn(50, generator=torch.Generator().manual_seed(0)))
+    opt = LearnedOptimizer([w], net)
+    for _ in range(3):
+        opt.zero_grad(); (w * w).sum().backward(); opt.step()
+    assert torch.isfinite(w).all(), name
+    print(name, 'ok')
+'''
+
+
+def test_loads_offline_in_a_fresh_process(tmp_path):
+    "No network: sockets raise, proxies point nowhere, and the process starts outside the repository"
+    env = {**os.environ, 'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9',
+           'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': '', 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, '-c', NO_NETWORK], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all(f'{n} ok' in p.stdout for n in SHIPPED)
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_info_says_how_to_regenerate(name):
+    info = pretrained_info(name)
+    assert info['command'] == f'lgl2o-train --config lgl2o/pretrained/{name}.json --out runs/{name}'
+    assert isinstance(info['seed'], int) and info['seed'] == info['config']['seed']
+    full = MetaConfig.from_dict(info['config']).to_dict()                     # a valid config
+    assert {k: full[k] for k in info['config']} == info['config']
+    assert (ROOT / 'lgl2o' / 'pretrained' / f'{name}.json').is_file()          # the command runs from a clone
+    assert info['versions']['torch'] and info['versions']['lgl2o']
+    s = info['summary']
+    assert s['meta_steps'] == info['config']['meta_steps'] and s['seconds_per_meta_step'] > 0
+    log = pretrained_metrics(name)
+    assert len([r for r in log if 'meta_loss' in r]) == s['meta_steps']
+    assert (ROOT / 'lgl2o' / 'pretrained' / f'{name}.pt').stat().st_size < 500_000
+
+
+def test_regenerate_command_reproduces_the_first_meta_steps(tmp_path):
+    "The recorded command, cut to 3 meta-steps, retraces the shipped run's log"
+    name = 'mlp-mnist'
+    code = train_main(['--config', str(ROOT / 'lgl2o' / 'pretrained' / f'{name}.json'), '--out', str(tmp_path), '--meta-steps', '3', '--quiet'])
+    assert code == 0
+    ours = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    shipped = [r for r in pretrained_metrics(name) if 'meta_loss' in r][:3]
+    for a, b in zip(ours, shipped):
+        assert a['step'] == b['step'] and math.isclose(a['meta_loss'], b['meta_loss'], rel_tol=1e-4)
+
+
+def test_net_file_round_trip_and_errors(tmp_path):
+    net = load_pretrained('nominal-mnist')
+    path = save_net(net, tmp_path / 'n.pt', info={'note': 1})
+    again, info = load_net(path)
+    assert info == {'note': 1} and again.config == net.config
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match='not a readable torch file'): load_net(path)
+
+
+def test_in_distribution_lstm_beats_tuned_sgd_and_adam(run_notebook):
+    _, res = run_notebook(NBS / '04_pretrained.ipynb')
+    lstm = res['learned']['lstm-mnist']['final']
+    assert math.isfinite(lstm)
+    for name, b in res['baselines'].items():
+        assert lstm < b['final'], f"lstm-mnist {lstm:.4f} is not below tuned {name} {b['final']:.4f} (lr {b['lr']})"
+        lrs = sorted(float(k) for k in b['grid'])
+        assert lrs[0] < b['lr'] < lrs[-1], f"tuned {name} lr {b['lr']} sits on the edge of its grid"
