@@ -60,7 +60,9 @@ def test_loads_are_independent():
 NO_NETWORK = r'''
 import socket, sys
 def refuse(*a, **k): raise OSError('network access attempted')
-socket.socket = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse
+class NoSocket(socket.socket):   # a class, so that modules subclassing socket.socket (ssl) still import
+    def __init__(self, *a, **k): refuse()
+socket.socket = NoSocket; socket.create_connection = refuse; socket.getaddrinfo = refuse
 import torch
 from lgl2o.pretrained import load_pretrained, pretrained_names, pretrained_info
 from lgl2o.learned import LearnedOptimizer
