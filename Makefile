@@ -15,7 +15,7 @@ $(STAMP): constraints.txt settings.ini setup.py
 setup: $(STAMP)
 
 bench: $(STAMP)
-	$(BIN)/lgl2o-demo
+	$(BIN)/lgl2o-bench
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest tests

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread for every notebook kernel and subprocess: the tasks are small, and two workers
+# each spinning two OpenMP threads on two cores run 10-20x slower than one thread each.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 
