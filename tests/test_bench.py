@@ -1,0 +1,76 @@
+"""The benchmark: what its notebook's small run shows, determinism, and the `lgl2o-bench` command's input checks."""
+import subprocess
+import sys
+
+import pandas as pd
+
+from conftest import NBS
+from lgl2o.bench import Contender, guard_verdicts, run_benchmark, summarize
+
+
+def _bench_results(run_notebook) -> dict:
+    return run_notebook(NBS / '05_bench.ipynb')[1]
+
+
+def test_lgl2o_never_diverges_and_costs_one_backward(run_notebook):
+    summary = pd.DataFrame(_bench_results(run_notebook)['summary'])
+    lg, gl = summary[summary['kind'] == 'lgl2o'], summary[summary['kind'] == 'gl2o']
+    assert len(lg) and len(gl)
+    assert lg['diverged'].sum() == 0
+    assert (lg['backward_per_step'] == 1).all()                       # one gradient per step, whatever is chosen
+    assert (gl['backward_per_step'] > 1.5).all()                      # GL2O evaluates a gradient at the learned candidate too
+    same = lg[lg['optimizer'].str.contains('same batch')]
+    assert (same['forward_per_step'] == 3).all()                      # same-batch rule: one forward for the gradient, two to compare
+    assert (lg.loc[~lg.index.isin(same.index), 'forward_per_step'] < 3).all()   # the deferred rule reuses the chosen forward
+
+
+def test_lgl2o_over_sgd_keeps_the_better_component(run_notebook):
+    verdicts = pd.DataFrame(_bench_results(run_notebook)['verdicts'])
+    sgd_guard = verdicts[verdicts['guard'].str.startswith('LGL2O(') & verdicts['guard'].str.endswith(', SGD)')]
+    assert len(sgd_guard) >= 4
+    assert (sgd_guard['ratio'] <= 1.10).all(), sgd_guard
+
+
+def test_cost_figures_are_printed(run_notebook):
+    r = _bench_results(run_notebook)
+    assert {'LGL2O/unguarded (lstm-mnist)', 'lstm-mnist/Adam'} <= set(r['ratios'])
+    assert all(v > 0 for v in r['ratios'].values())
+
+
+def test_same_seeds_same_table():
+    def run():
+        res = run_benchmark(['spirals', 'quadratic'], seeds=[3], nets=['lstm-mnist'], max_steps=8, tune_steps=8, progress=False)
+        return res.steps.drop(columns=['seconds'])
+    a, b = run(), run()
+    pd.testing.assert_frame_equal(a, b)
+    assert set(a['optimizer']) == {'SGD', 'Adam', 'lstm-mnist', 'LGL2O(lstm-mnist, SGD)', 'LGL2O(lstm-mnist, Adam)', 'GL2O(lstm-mnist, SGD)'}
+
+
+def test_verdicts_compare_with_the_components():
+    summary = pd.DataFrame({'scenario': ['s'] * 3, 'optimizer': ['x', 'SGD', 'LGL2O(x, SGD)'], 'kind': ['learned', 'sgd', 'lgl2o'],
+                            'net': ['x', None, 'x'], 'fallback': [None, None, 'sgd'], 'train_loss': [2.0, 1.0, 1.04], 'diverged': [0, 0, 0]})
+    v = guard_verdicts(summary).iloc[0]
+    assert v['best_component'] == 1.0 and v['within_tolerance']
+    assert not guard_verdicts(summary.assign(train_loss=[2.0, 1.0, 1.2])).iloc[0]['within_tolerance']
+    assert Contender('lgl2o', 'x', 'sgd').components()[1].name == 'SGD'
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, '-c', 'import sys; from lgl2o.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))', *args],
+                          capture_output=True, text=True)
+
+
+def test_bench_help_lists_every_option():
+    res = _bench('--help')
+    assert res.returncode == 0
+    for opt in ('--out', '--full', '--seeds', '--scenarios', '--nets', '--max-steps', '--timing-steps', '--threads', '--no-figures', '--quiet'):
+        assert opt in res.stdout, opt
+
+
+def test_bench_bad_input_is_one_line_exit_2(tmp_path):
+    blocker = tmp_path / 'file'; blocker.write_text('x')
+    for args, expected in ((['--scenarios', 'horizon-100x'], 'add --full'), (['--nets', 'nope'], 'lstm-mnist'),
+                           (['--out', str(blocker / 'sub')], 'cannot write to --out'), (['--seeds', '-1'], 'seeds')):
+        res = _bench(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert expected in res.stderr and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr, res.stderr
