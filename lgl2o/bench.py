@@ -90,18 +90,18 @@ class Scenario:
     def with_steps(self, steps: int) -> Scenario:
         return replace(self, steps=steps, eval_every=max(1, steps // 10))
 
-# %% ../nbs/05_bench.ipynb #4f47349a
+# %% ../nbs/05_bench.ipynb #baf82baf
 def scenarios(full: bool = False) -> dict[str, Scenario]:
-    "The benchmark's scenarios; `full` makes the long horizons 10x and 100x the meta-training horizon"
+    "The benchmark's scenarios; `full` adds the 100x horizon and lengthens the architecture, spirals and ablation runs"
     def quadratic(): return QuadraticTask(dim=50, condition=1000.0, seed=0, init_std=1.0)
     s = [Scenario('in-distribution', 'the meta-training task and horizon', mnist_mlp, 100, 10),
          Scenario('horizon-10x', '10x the meta-training horizon', mnist_mlp, 1000, 100),
          Scenario('spirals', 'new data: two spirals instead of MNIST', lambda: spirals_mlp(), 500 if full else 300, 25),
-         Scenario('wider', 'new architecture: 40 hidden units', lambda: mnist_mlp(hidden=(40,)), 200, 20),
-         Scenario('deeper', 'new architecture: two hidden layers', lambda: mnist_mlp(hidden=(20, 20)), 200, 20),
-         Scenario('relu', 'new architecture: ReLU instead of sigmoid', lambda: mnist_mlp(activation='relu'), 200, 20),
+         Scenario('wider', 'new architecture: 40 hidden units', lambda: mnist_mlp(hidden=(40,)), 200 if full else 100, 10),
+         Scenario('deeper', 'new architecture: two hidden layers', lambda: mnist_mlp(hidden=(20, 20)), 200 if full else 100, 10),
+         Scenario('relu', 'new architecture: ReLU instead of sigmoid', lambda: mnist_mlp(activation='relu'), 200 if full else 100, 10),
          Scenario('quadratic', 'convex: an ill-conditioned quadratic (condition 1000)', quadratic, 300, 30),
-         Scenario('ablation', 'which data decides, and which fallback', mnist_mlp, 1000, 100, ablation=True)]
+         Scenario('ablation', 'which data decides, and which fallback', mnist_mlp, 1000 if full else 300, 30, ablation=True)]
     if full: s.insert(2, Scenario('horizon-100x', '100x the meta-training horizon', mnist_mlp, 10000, 500))
     return {x.name: x for x in s}
 

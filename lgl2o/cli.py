@@ -242,7 +242,7 @@ def train_main(argv: list[str] | None = None) -> int:
          f"final net:   {path}  ({which}; load with lgl2o.pretrained.load_net)")
     return 0
 
-# %% ../nbs/06_cli.ipynb #be779eb2
+# %% ../nbs/06_cli.ipynb #b08f539c
 def _int_list(text: str) -> list[int]:
     "`--seeds 3` means seeds 0, 1, 2; `--seeds 4,7` means exactly those"
     try: values = [int(v) for v in text.split(',') if v.strip()]
@@ -259,7 +259,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', type=Path, default=Path('bench-results'), help="folder for steps.csv, tuning.csv, config.json, summary.md, "
                    "verdicts.csv, step_times.csv and the figures (default: bench-results)")
     p.add_argument('--full', action='store_true', help="the long suite: horizons 10x and 100x the meta-training horizon, 5 seeds, every shipped net")
-    p.add_argument('--seeds', type=_int_list, help="how many seeds (3 means 0,1,2) or a comma list of seeds (default: 3, or 5 with --full)")
+    p.add_argument('--seeds', type=_int_list, help="how many seeds (3 means 0,1,2) or a comma list of seeds (default: 2, or 5 with --full)")
     p.add_argument('--scenarios', type=_name_list, help="comma list of scenarios (default: all); see lgl2o.bench.scenarios")
     p.add_argument('--nets', type=_name_list, help="comma list of pretrained optimizers (default: lstm-mnist, or all shipped with --full)")
     p.add_argument('--max-steps', type=int, help="shorten every scenario to at most this many steps (a quick look)")
@@ -270,7 +270,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="no progress bars")
     return p
 
-# %% ../nbs/06_cli.ipynb #b9a1b492
+# %% ../nbs/06_cli.ipynb #d78a6c10
 def bench_settings(args: argparse.Namespace) -> dict:
     "The `run_benchmark` arguments the parsed options stand for; `UsageError` for bad ones"
     available = scenarios(args.full)
@@ -287,7 +287,7 @@ def bench_settings(args: argparse.Namespace) -> dict:
     if args.max_steps is not None and args.max_steps < 1: raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.timing_steps < 1: raise UsageError(f"--timing-steps must be >= 1, got {args.timing_steps}")
     if args.threads < 1: raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    return dict(names=names, seeds=args.seeds or list(range(5 if args.full else 3)), nets=nets, full=args.full, max_steps=args.max_steps)
+    return dict(names=names, seeds=args.seeds or list(range(5 if args.full else 2)), nets=nets, full=args.full, max_steps=args.max_steps)
 
 # %% ../nbs/06_cli.ipynb #9897f68a
 def bench_main(argv: list[str] | None = None) -> int:
