@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench test export clean-nbs chromium docs docs-small readme
+.PHONY: setup bench test export chromium docs docs-small readme
 
 $(STAMP): constraints.txt settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
