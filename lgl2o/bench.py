@@ -114,16 +114,7 @@ def contenders(scenario: Scenario, nets: list[str]) -> list[Contender]:
         if scenario.ablation: out += [Contender('lgl2o', n, 'sgd', 'same'), Contender('lgl2o', n, 'adam', 'same')]
     return out
 
-# %% ../nbs/05_bench.ipynb #bbdaf2ef
-def _closure(task: Task, model: nn.Module, batch, opt, guarded: bool) -> Callable:
-    if guarded: return lambda: task.loss(model, batch)
-    def closure():
-        opt.zero_grad()
-        loss = task.loss(model, batch)
-        loss.backward()
-        return loss
-    return closure
-
+# %% ../nbs/05_bench.ipynb #f6a6a684
 def _evaluate(task: Task, model: nn.Module) -> dict:
     "Full-split losses (above the minimum, for tasks that know it) and accuracy"
     floor = getattr(task, 'optimum', 0.0)
@@ -132,7 +123,7 @@ def _evaluate(task: Task, model: nn.Module) -> dict:
     if 'accuracy' in test: out['test_accuracy'] = test['accuracy']
     return out
 
-# %% ../nbs/05_bench.ipynb #b5168c54
+# %% ../nbs/05_bench.ipynb #4c60e17a
 def train(task: Task,            # what to optimize
           contender: Contender,  # how
           steps: int,            # optimizer steps
@@ -149,7 +140,7 @@ def train(task: Task,            # what to optimize
     for t in range(1, steps + 1):
         batch = next(batches)
         tic = time.perf_counter()
-        try: loss = opt.step(_closure(task, model, batch, opt, contender.guarded)).item()
+        try: loss = opt.step(task.closure(model, batch, None if contender.guarded else opt)).item()
         except FloatingPointError: loss = math.nan  # a guard refuses a step only when both candidates are non-finite
         row = {'step': t, 'batch_loss': loss, 'seconds': time.perf_counter() - tic}
         start = loss if start is None else start
@@ -305,7 +296,7 @@ def plot_choices(steps: pd.DataFrame, path: Path | None = None, window: int = 10
     if path: g.savefig(path, dpi=110)
     return g
 
-# %% ../nbs/05_bench.ipynb #ceb6bca4
+# %% ../nbs/05_bench.ipynb #89983b72
 def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: int = 10, seed: int = 0) -> pd.DataFrame:
     "Median wall time per step (ms) of Adam, each net alone, LGL2O and GL2O over it, on `task`"
     task = task or mnist_mlp()
@@ -319,7 +310,7 @@ def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: in
         batch = next(batches)
         for c in plan:  # interleaved, so that machine load affects every contender alike
             wall, cpu = time.perf_counter(), time.process_time()
-            opts[c.name].step(_closure(task, models[c.name], batch, opts[c.name], c.guarded))
+            opts[c.name].step(task.closure(models[c.name], batch, None if c.guarded else opts[c.name]))
             if i >= warmup:
                 times[c.name][0].append(time.process_time() - cpu); times[c.name][1].append(time.perf_counter() - wall)
     return pd.DataFrame([{'optimizer': k, 'cpu_ms_per_step': 1000 * float(np.median(c)), 'wall_ms_per_step': 1000 * float(np.median(w))}

@@ -41,7 +41,7 @@ def generator(seed: int) -> torch.Generator:
     "A CPU `torch.Generator` seeded with `seed`, for sampling that must not touch the global stream"
     return torch.Generator().manual_seed(int(seed))
 
-# %% ../nbs/00_tasks.ipynb #91b6ccc8
+# %% ../nbs/00_tasks.ipynb #6e412db9
 Batch = tuple  # (inputs or None, targets or None)
 
 class Task:
@@ -81,6 +81,16 @@ class Task:
         "The loss on `batch` of an `nn.Module` or of a parameter dictionary (differentiable in both)"
         return self.criterion(self.forward(model_or_params, batch[0]), batch[1])
 
+    def closure(self, model: nn.Module, batch: Batch, optimizer=None):
+        "A closure on `batch` for `optimizer.step`: zero the gradients, backward, return the loss; without an optimizer only the loss (what the guards take)"
+        if optimizer is None: return lambda: self.loss(model, batch)
+        def closure():
+            optimizer.zero_grad()
+            loss = self.loss(model, batch)
+            loss.backward()
+            return loss
+        return closure
+
     def forward(self, model_or_params, inputs):
         "The output of an `nn.Module` or, through `functional_call`, of a parameter dictionary"
         if isinstance(model_or_params, nn.Module): return model_or_params(inputs)
@@ -110,15 +120,12 @@ def check_split(task: Task, split: str):
     if split not in task.splits:
         raise ValueError(f"{type(task).__name__} has no split {split!r}; use one of {list(task.splits)}")
 
-# %% ../nbs/00_tasks.ipynb #c473cbfd
+# %% ../nbs/00_tasks.ipynb #7206730e
 def sgd_run(task: Task, lr: float, steps: int, seed: int = 0) -> tuple[nn.Module, list[float]]:
     "Train `task.init(seed)` with plain SGD for `steps` minibatches; the model and its training losses"
     model = task.init(seed)
     opt, batches, losses = torch.optim.SGD(model.parameters(), lr=lr), task.batches(seed), []
-    for _ in range(steps):
-        loss = task.loss(model, next(batches))
-        opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(loss.item())
+    for _ in range(steps): losses.append(opt.step(task.closure(model, next(batches), opt)).item())
     return model, losses
 
 # %% ../nbs/00_tasks.ipynb #b9d42080

@@ -23,13 +23,7 @@ def make_net(kind, seed=0):
     return build_net(kind, **({'lr': 0.3} if kind == 'stepsize' else {}))
 
 
-def closure_for(opt, task, model, batch):
-    def closure():
-        opt.zero_grad()
-        loss = task.loss(model, batch)
-        loss.backward()
-        return loss
-    return closure
+def closure_for(opt, task, model, batch): return task.closure(model, batch, opt)
 
 
 def run_steps(opt, task, model, batches, n):
