@@ -16,7 +16,8 @@ from torch import Tensor, nn
 # %% auto #0
 __all__ = ['GRAD_LIMIT', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views', 'flat_cat', 'unflatten', 'check_update_args',
            'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
-           'StepSizeNet', 'build_net', 'LearnedOptimizer']
+           'StepSizeNet', 'build_net', 'check_lr', 'check_placement', 'nonfinite_tensors', 'check_step_inputs',
+           'LearnedOptimizer']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -311,7 +312,46 @@ def build_net(kind: str, **config) -> LearnedNet:
     if bad: raise ValueError(f"{kind!r} net has no option {bad}; it accepts {_accepted(NETS[kind])}")
     return NETS[kind](**config)
 
-# %% ../nbs/01_learned.ipynb #80962db1
+# %% ../nbs/01_learned.ipynb #4e5c10a3
+def check_lr(lr):
+    "Raise unless `lr` is a finite number >= 0"
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or not (math.isfinite(float(lr)) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+
+def _net_placement(net: LearnedNet) -> tuple:
+    p = next(net.parameters(), None)
+    return (None, None) if p is None else (p.dtype, p.device)
+
+def check_placement(params: list[Tensor], net: LearnedNet):
+    "Raise if a parameter's dtype or device differs from the net's: name both and the fix"
+    dtype, device = _net_placement(net)
+    for i, p in enumerate(params):
+        if dtype is not None and p.dtype != dtype:
+            raise TypeError(f"parameter {i} is {p.dtype} but the learned optimizer's net is {dtype}; "
+                            f"call net.to({p.dtype}) before building the optimizer (or make the model {dtype})")
+        if device is not None and p.device != device:
+            raise ValueError(f"parameter {i} is on {p.device} but the learned optimizer's net is on {device}; "
+                             f"call net.to('{p.device}') (move the model and the net together)")
+
+def nonfinite_tensors(tensors: list[Tensor]) -> list[int]:
+    "Indices of the tensors that hold a NaN or an infinity"
+    if not tensors: return []
+    # a max-abs per tensor cannot overflow (a sum of huge finite entries can), and NaN propagates through it
+    peaks = torch.stack([n.to(tensors[0].device) for n in torch._foreach_norm(tensors, math.inf)])
+    if bool(peaks.isfinite().all()): return []  # the common case costs one synchronisation
+    return [i for i, n in enumerate(peaks.tolist()) if not math.isfinite(n)]
+
+def check_step_inputs(params: list[Tensor], net: LearnedNet):
+    "Raise if a step cannot be taken as asked: misplaced parameters, sparse or non-finite gradients"
+    check_placement(params, net)
+    if any(p.grad.is_sparse for p in params): raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+    bad = nonfinite_tensors([p.grad for p in params])
+    if bad:
+        raise FloatingPointError(f"the gradient of parameter {bad[0]} (shape {tuple(params[bad[0]].shape)}) has NaN or inf entries "
+                                 f"({len(bad)} of {len(params)} tensors); nothing was changed. Skip this batch, clip the gradients, "
+                                 "or lower the learning rate")
+
+# %% ../nbs/01_learned.ipynb #b43a5bc8
 class LearnedOptimizer(torch.optim.Optimizer):
     "A learned update rule (`LearnedNet`) as a `torch.optim.Optimizer`; the net is not in its `state_dict`"
     def __init__(self,
@@ -319,9 +359,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
                  net: LearnedNet,       # the learned update rule
                  lr: float = 1.0):      # multiplier of the learned step (for schedulers); 1 takes the net's update as is
         if not isinstance(net, LearnedNet): raise TypeError(f"net must be a LearnedNet (e.g. build_net('lstm')), got {type(net).__name__}")
-        if not (isinstance(lr, (int, float)) and lr >= 0): raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        check_lr(lr)
+        params = list(params)
+        if not params: raise ValueError("LearnedOptimizer got no parameters; pass model.parameters() (a generator is used up "
+                                        "by the first optimizer built from it: call model.parameters() again for the second)")
+        self.net = net  # before super().__init__, which calls add_param_group
         super().__init__(params, dict(lr=lr))
-        self.net = net
+
+    def add_param_group(self, param_group: dict):
+        "Add a group after checking its `lr` and that its parameters live where the net does"
+        if 'lr' in param_group: check_lr(param_group['lr'])
+        super().add_param_group(param_group)
+        check_placement(self.param_groups[-1]['params'], self.net)
 
     def _init_missing_states(self):
         "Give parameters without a state the net's initial state, indexed over all parameters in group order"
@@ -336,11 +385,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
-        self._init_missing_states()
         active = [(group['lr'], p) for group in self.param_groups for p in group['params'] if p.grad is not None]
         if not active: return loss
-        if any(p.grad.is_sparse for _, p in active): raise RuntimeError("LearnedOptimizer does not support sparse gradients")
         params = [p for _, p in active]
+        check_step_inputs(params, self.net)  # before any state changes: a refused step leaves everything as it was
+        self._init_missing_states()
         states = [{k: v for k, v in self.state[p].items() if k != 'step'} for p in params]
         step = int(max(self.state[p]['step'].item() for p in params))
         new_params, new_states = self.net.update(params, [p.grad for p in params], states, step)
