@@ -385,7 +385,7 @@ def _epochs(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size): yield perm[i:i + batch_size]
 
-# %% ../nbs/00_tasks.ipynb #8b5a5504
+# %% ../nbs/00_tasks.ipynb #45186b7c
 @dataclass
 class MLPTask(Task):
     "An MLP classifier trained with cross-entropy on minibatches of a `ClassificationData`"
@@ -398,8 +398,10 @@ class MLPTask(Task):
 
     def __post_init__(self):
         if self.data is None: self.data = mnist_subset()
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if any(h < 1 for h in self.hidden): raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if isinstance(self.hidden, int): self.hidden = (self.hidden,)  # hidden=40: one hidden layer of 40 units
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a width or a sequence of widths, each an integer >= 1, got {self.hidden!r}")
+        self.hidden = tuple(self.hidden)
         if not 1 <= self.batch_size <= len(self.data.x_train):
             raise ValueError(f"batch_size must be between 1 and {len(self.data.x_train)} (the training set), got {self.batch_size}")
         if self.activation not in ACTIVATIONS: raise ValueError(f"unknown activation {self.activation!r}; use one of {list(ACTIVATIONS)}")

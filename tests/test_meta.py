@@ -88,7 +88,7 @@ def test_load_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({**ck, 'kind': 'lstm'}, tmp_path / 'mismatch.pt')
     for name, message in [('text.pt', 'not a readable lgl2o checkpoint'), ('cut.pt', 'not a readable lgl2o checkpoint'),
                           ('model.pt', 'not an lgl2o meta-training checkpoint'),
-                          ('future.pt', f'format version {CHECKPOINT_VERSION + 1}'), ('mismatch.pt', 'damaged')]:
+                          ('future.pt', f'format version {CHECKPOINT_VERSION + 1}'), ('mismatch.pt', "does not hold a loadable 'lstm' net")]:
         with pytest.raises(ValueError, match=message):
             load_checkpoint(tmp_path / name)
     with pytest.raises(FileNotFoundError, match='no checkpoint file'):
