@@ -15,7 +15,7 @@ $(STAMP): constraints.txt settings.ini setup.py
 setup: $(STAMP)
 
 bench: $(STAMP)
-	$(BIN)/lgl2o-bench
+	$(BIN)/lgl2o-bench --overwrite
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest tests

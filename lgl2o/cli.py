@@ -32,7 +32,7 @@ from .pretrained import load_pretrained, pretrained_names, save_net
 # %% auto #0
 __all__ = ['CHOICES', 'field_comments', 'option_name', 'add_config_options', 'UsageError', 'nearest', 'train_parser',
            'config_fields', 'read_config_file', 'build_config', 'check_writable', 'run_summary', 'write_net',
-           'train_main', 'bench_parser', 'bench_settings', 'bench_main']
+           'train_main', 'bench_parser', 'bench_settings', 'check_no_earlier_run', 'bench_main']
 
 # %% ../nbs/06_cli.ipynb #5703f60f
 def field_comments(cls) -> dict[str, str]:
@@ -242,7 +242,7 @@ def train_main(argv: list[str] | None = None) -> int:
          f"final net:   {path}  ({which}; load with lgl2o.pretrained.load_net)")
     return 0
 
-# %% ../nbs/06_cli.ipynb #b08f539c
+# %% ../nbs/06_cli.ipynb #ec03130a
 def _int_list(text: str) -> list[int]:
     "`--seeds 3` means seeds 0, 1, 2; `--seeds 4,7` means exactly those"
     try: values = [int(v) for v in text.split(',') if v.strip()]
@@ -268,9 +268,10 @@ def bench_parser() -> argparse.ArgumentParser:
                    "on two cores, two spinning threads per process cost more than they give)")
     p.add_argument('--no-figures', action='store_true', help="skip the PNG figures")
     p.add_argument('--quiet', action='store_true', help="no progress bars")
+    p.add_argument('--overwrite', action='store_true', help="replace the results of an earlier run in --out (without it, such a folder is refused)")
     return p
 
-# %% ../nbs/06_cli.ipynb #d78a6c10
+# %% ../nbs/06_cli.ipynb #0c0b84ef
 def bench_settings(args: argparse.Namespace) -> dict:
     "The `run_benchmark` arguments the parsed options stand for; `UsageError` for bad ones"
     available = scenarios(args.full)
@@ -285,17 +286,26 @@ def bench_settings(args: argparse.Namespace) -> dict:
     missing = [n for n in nets if n not in shipped]
     if missing: raise UsageError(f"unknown pretrained optimizer {missing[0]!r}; shipped: {', '.join(shipped)}")
     if args.max_steps is not None and args.max_steps < 1: raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.full and args.max_steps is not None:
+        raise UsageError("--full asks for the long horizons that --max-steps cuts; drop one (for a quick look at part of the suite, use --scenarios, --nets, --seeds)")
     if args.timing_steps < 1: raise UsageError(f"--timing-steps must be >= 1, got {args.timing_steps}")
     if args.threads < 1: raise UsageError(f"--threads must be >= 1, got {args.threads}")
     return dict(names=names, seeds=args.seeds or list(range(5 if args.full else 2)), nets=nets, full=args.full, max_steps=args.max_steps)
 
-# %% ../nbs/06_cli.ipynb #9897f68a
+# %% ../nbs/06_cli.ipynb #cbebaac6
+def check_no_earlier_run(out: Path):
+    "`UsageError` if `out` holds the results of an earlier benchmark run, which a new run would overwrite"
+    earlier = [n for n in ('config.json', 'steps.csv', 'summary.md') if (out / n).exists()]
+    if earlier: raise UsageError(f"--out {out} already holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it, or choose another --out")
+
+# %% ../nbs/06_cli.ipynb #048f958b
 def bench_main(argv: list[str] | None = None) -> int:
     "Entry point of `lgl2o-bench`: 0 on success; bad input prints one line on stderr and exits with status 2"
     try:
         args = bench_parser().parse_args(argv)
         settings = bench_settings(args)
         check_writable(args.out)
+        if not args.overwrite: check_no_earlier_run(args.out)
     except UsageError as e:
         print(f"lgl2o-bench: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

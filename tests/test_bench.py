@@ -63,7 +63,7 @@ def _bench(*args):
 def test_bench_help_lists_every_option():
     res = _bench('--help')
     assert res.returncode == 0
-    for opt in ('--out', '--full', '--seeds', '--scenarios', '--nets', '--max-steps', '--timing-steps', '--threads', '--no-figures', '--quiet'):
+    for opt in ('--out', '--full', '--seeds', '--scenarios', '--nets', '--max-steps', '--timing-steps', '--threads', '--no-figures', '--quiet', '--overwrite'):
         assert opt in res.stdout, opt
 
 
