@@ -30,7 +30,7 @@ from .bench import run_benchmark, scenarios, write_report
 from .pretrained import load_pretrained, pretrained_names, save_net
 
 # %% auto #0
-__all__ = ['CHOICES', 'field_comments', 'option_name', 'add_config_options', 'UsageError', 'nearest', 'train_parser',
+__all__ = ['CHOICES', 'RUN_FILES', 'field_comments', 'option_name', 'add_config_options', 'UsageError', 'nearest', 'train_parser',
            'config_fields', 'read_config_file', 'build_config', 'check_writable', 'run_summary', 'write_net',
            'train_main', 'bench_parser', 'bench_settings', 'check_no_earlier_run', 'bench_main']
 
@@ -147,7 +147,7 @@ def build_config(args: argparse.Namespace) -> MetaConfig:
     try: return MetaConfig.from_dict(d)
     except (ValueError, TypeError) as e: raise UsageError(f"bad setting: {e}") from None
 
-# %% ../nbs/06_cli.ipynb #1a3c05c9
+# %% ../nbs/06_cli.ipynb #3c720516
 def check_writable(out: Path):
     "`UsageError` unless `out` can be created and written to"
     try:
@@ -155,6 +155,8 @@ def check_writable(out: Path):
         probe = out / f'.lgl2o-write-test-{os.getpid()}'
         probe.write_bytes(b''); probe.unlink()
     except OSError as e: raise UsageError(f"cannot write to --out {out}: {e.strerror or type(e).__name__}") from None
+
+RUN_FILES = ('config.json', 'metrics.jsonl', 'best.pt', 'net.pt')   # what a run writes besides checkpoint.pt
 
 def _trainer(args, argv) -> MetaTrainer:
     "A new or resumed trainer for the parsed arguments (all input problems raise UsageError)"
@@ -174,6 +176,8 @@ def _trainer(args, argv) -> MetaTrainer:
     config = build_config(args)
     if ck.exists():
         raise UsageError(f"{out} already holds a run ({ck}); continue it with --resume or choose another --out")
+    earlier = [n for n in RUN_FILES if (out / n).exists()]
+    if earlier: raise UsageError(f"{out} holds files of an earlier run ({', '.join(earlier)}) that a new run would overwrite; choose another --out")
     check_writable(out)
     try: return MetaTrainer(config, out, progress=not args.quiet)
     except (ValueError, TypeError) as e: raise UsageError(f"bad setting: {e}") from None
