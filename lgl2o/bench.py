@@ -196,7 +196,7 @@ class BenchmarkResult:
         return paths
 
 # %% ../nbs/05_bench.ipynb #94c7be90
-def run_benchmark(names: list[str] | None = None,  # scenarios to run (default: all of `scenarios(full)`)
+def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run: names in `scenarios(full)` or `Scenario`s of your own (default: all of `scenarios(full)`)
                   seeds: list[int] = (0, 1, 2),     # evaluation seeds
                   nets: list[str] = ('lstm-mnist',),  # pretrained learned optimizers to include
                   full: bool = False,               # long horizons (10x and 100x) and the longer spirals run
@@ -206,12 +206,14 @@ def run_benchmark(names: list[str] | None = None,  # scenarios to run (default: 
                   progress: bool = True) -> BenchmarkResult:
     "Train every contender of every chosen scenario for every seed; the tidy results"
     available = scenarios(full)
-    if max_steps: available = {k: v.with_steps(min(v.steps, max_steps)) for k, v in available.items()}
-    names = list(available) if names is None else list(names)
-    unknown = [n for n in names if n not in available]
-    if unknown: raise ValueError(f"unknown scenarios {unknown}; choose from {list(available)}")
+    chosen = list(available.values()) if names is None else [n if isinstance(n, Scenario) else available.get(n, n) for n in names]
+    unknown = [n for n in chosen if not isinstance(n, Scenario)]
+    if unknown: raise ValueError(f"unknown scenarios {unknown}; choose from {list(available)} or pass Scenario objects")
+    twice = sorted({s.name for s in chosen if [x.name for x in chosen].count(s.name) > 1})
+    if twice: raise ValueError(f"two scenarios are named {twice}; give each scenario its own name")
+    if max_steps: chosen = [v.with_steps(min(v.steps, max_steps)) for v in chosen]
     loaded = {n: net_loader(n) for n in nets}
-    plan = [(available[n], c, s) for n in names for c in contenders(available[n], list(nets)) for s in seeds]
+    plan = [(sc, c, s) for sc in chosen for c in contenders(sc, list(nets)) for s in seeds]
     rows, tuning, lrs, cache, tasks = [], [], {}, {}, {}
     bar = tqdm(plan, desc='lgl2o-bench', disable=not progress, unit='run')
     for sc, c, seed in bar:
@@ -225,9 +227,9 @@ def run_benchmark(names: list[str] | None = None,  # scenarios to run (default: 
         key = (json.dumps(task.config, sort_keys=True, default=str), sc.steps, c, seed)
         if key not in cache: cache[key] = train(task, c, sc.steps, seed, lrs[sc.name], loaded, sc.eval_every)
         rows += [{'scenario': sc.name, 'optimizer': c.name, **asdict(c), 'seed': seed, **r} for r in cache[key]]
-    config = {'scenarios': {n: {**asdict(available[n]), 'task': tasks[n].config} for n in names}, 'seeds': list(seeds),
+    config = {'scenarios': {sc.name: {**asdict(sc), 'task': tasks[sc.name].config} for sc in chosen}, 'seeds': list(seeds),
               'nets': list(nets), 'full': full, 'tune_steps': tune_steps, 'max_steps': max_steps, 'lr_grid': LR_GRID, 'tuning_seed': TUNING_SEED,
-              'learning_rates': lrs, 'contenders': {n: [asdict(c) | {'name': c.name} for c in contenders(available[n], list(nets))] for n in names},
+              'learning_rates': lrs, 'contenders': {sc.name: [asdict(c) | {'name': c.name} for c in contenders(sc, list(nets))] for sc in chosen},
               'versions': {'torch': torch.__version__, 'python': platform.python_version()}}
     return BenchmarkResult(pd.DataFrame(rows), pd.DataFrame(tuning), config)
 

@@ -27,12 +27,14 @@ import yaml
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['PAGE_TEMPLATE', 'SITE_CSS', 'DocsError', 'Project', 'find_project', 'working_directory', 'source_notebooks',
-           'page_name', 'resolve_sidebar', 'sidebar_notebooks', 'load_sidebar', 'params_file', 'notebook_parameters',
-           'full_parameters', 'orphan_params', 'docs_problems', 'execute_notebooks', 'stage_sources',
-           'process_notebooks', 'Page', 'frontmatter', 'quarto_page', 'count_figures', 'pandoc_id', 'local_href',
-           'pandoc_links_to_html', 'finish_page', 'render_page', 'collect_pages', 'render_static', 'render_quarto',
-           'check_sources', 'build_site', 'readme_markdown', 'write_readme', 'main']
+__all__ = ['PAGE_TEMPLATE', 'SITE_CSS', 'CLAIMS_MIME', 'MATCHES', 'REPRODUCED_PAGE', 'DocsError', 'Project', 'find_project',
+           'working_directory', 'source_notebooks', 'page_name', 'resolve_sidebar', 'sidebar_notebooks', 'load_sidebar',
+           'params_file', 'notebook_parameters', 'full_parameters', 'orphan_params', 'docs_problems',
+           'execute_notebooks', 'stage_sources', 'process_notebooks', 'Page', 'frontmatter', 'quarto_page',
+           'count_figures', 'pandoc_id', 'local_href', 'pandoc_links_to_html', 'finish_page', 'render_page',
+           'collect_pages', 'render_static', 'render_quarto', 'check_claims', 'claims_table', 'show_claims',
+           'executed_claims', 'reproduced_notebook', 'with_reproduced_page', 'check_sources', 'build_site',
+           'readme_markdown', 'write_readme', 'main']
 
 # %% ../nbs/07_docs.ipynb #8eb0edb1
 class DocsError(ValueError):
@@ -610,6 +612,76 @@ def render_quarto(project: Project, proc, out, log=print) -> None:
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(built), str(out))
 
+# %% ../nbs/07_docs.ipynb #707849ad
+CLAIMS_MIME = 'application/vnd.lgl2o.claims+json'   # the output type that carries a paper notebook's claims
+MATCHES = ('yes', 'partly', 'no', 'not run')         # what the match column may say
+REPRODUCED_PAGE = 'papers/reproduced.ipynb'           # the gathered page, generated in the site (not a file of nbs/)
+
+def check_claims(claims: list[dict]) -> list[dict]:
+    "The rows as plain dicts of strings (claim, paper, ours, match; a match that is not a string, such as a bool, becomes yes/no); a `DocsError` naming a bad row"
+    rows = []
+    for i, c in enumerate(claims):
+        missing = [k for k in ('claim', 'paper', 'ours', 'match') if not isinstance(c, dict) or k not in c]
+        if missing: raise DocsError(f"claim {i} lacks {missing}; each row needs claim, paper, ours and match")
+        match = c['match'] if isinstance(c['match'], str) else 'yes' if c['match'] else 'no'   # bool, numpy.bool_
+        if match not in MATCHES: raise DocsError(f"claim {i} ({c['claim']!r}) has match {c['match']!r}; use one of {list(MATCHES)} or a bool")
+        rows.append({'claim': str(c['claim']), 'paper': str(c['paper']), 'ours': str(c['ours']), 'match': match})
+    return rows
+
+def claims_table(claims: list[dict]) -> str:
+    "The claims as a markdown table: claim, the paper's number, ours, match"
+    cell = lambda v: str(v).replace('|', '\\|').replace('\n', ' ')
+    lines = ['| claim | paper | ours | match |', '|---|---|---|---|']
+    return '\n'.join(lines + [f"| {cell(c['claim'])} | {cell(c['paper'])} | {cell(c['ours'])} | **{c['match']}** |" for c in check_claims(claims)])
+
+def show_claims(claims: list[dict],  # rows with keys claim, paper, ours, match
+                paper: str):         # the paper's title, the heading of its section on the gathered page
+    "Display a paper notebook's claims table; the same output carries the rows for the site's gathered page"
+    from IPython.display import display
+    rows = check_claims(claims)
+    display({'text/markdown': claims_table(rows), CLAIMS_MIME: {'paper': paper, 'claims': rows}}, raw=True)
+
+# %% ../nbs/07_docs.ipynb #80b2c8d8
+def executed_claims(executed,          # folder of executed notebooks, laid out like nbs/
+                    notebooks: list    # the notebooks to read, relative to `executed`
+                   ) -> list[dict]:
+    "Every claims table in the executed `notebooks` under `executed`: paper title, notebook, rows, in path order"
+    found = []
+    for rel in sorted(Path(r).as_posix() for r in notebooks):
+        f = Path(executed) / rel
+        if not f.exists(): continue
+        for cell in nbformat.read(f, as_version=4).cells:
+            for o in cell.get('outputs', []):
+                data = o.get('data', {}).get(CLAIMS_MIME)
+                if data: found.append({'paper': str(data['paper']), 'notebook': rel, 'claims': check_claims(data['claims'])})
+    return found
+
+def reproduced_notebook(found: list[dict]) -> nbformat.NotebookNode:
+    "The gathered page: how many claims of each paper match, then each paper's table, linked to its notebook's page"
+    v4, here = nbformat.v4, posixpath.dirname(REPRODUCED_PAGE)
+    count = lambda f, m: sum(c['match'] == m for c in f['claims'])
+    overview = ['| paper | claims | ' + ' | '.join(MATCHES) + ' |', '|---|---|' + '---|' * len(MATCHES)]
+    overview += [f"| [{f['paper']}]({posixpath.relpath(f['notebook'], here)}) | {len(f['claims'])} | "
+                 + ' | '.join(str(count(f, m)) for m in MATCHES) + ' |' for f in found]
+    cells = [v4.new_markdown_cell('# What we reproduced\n\n> Every claim of the paper reproductions: what the paper reports, '
+                                  'what the executed notebook computed, and whether they match.'),
+             v4.new_markdown_cell('Gathered by `lgl2o-docs site` from the notebooks it executed for this site (see '
+                                  '`lgl2o.docs.show_claims`): the numbers are those of the runs shown on each paper\'s page, '
+                                  'with the parameters printed there.\n\n' + '\n'.join(overview))]
+    for f in found:
+        link = posixpath.relpath(f['notebook'], here)
+        cells.append(v4.new_markdown_cell(f"## {f['paper']}\n\nFrom [its reproduction]({link}).\n\n" + claims_table(f['claims'])))
+    return v4.new_notebook(cells=cells, metadata={'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}})
+
+def with_reproduced_page(sidebar: list) -> list:
+    "The resolved sidebar with the gathered page first in the section listing `papers/` notebooks (a new Papers section if none does)"
+    folder, res, placed = posixpath.dirname(REPRODUCED_PAGE) + '/', [], False
+    for item in sidebar:
+        if not placed and isinstance(item, dict) and 'section' in item and any(isinstance(x, str) and x.startswith(folder) for x in item['contents']):
+            item, placed = {**item, 'contents': [REPRODUCED_PAGE, *item['contents']]}, True
+        res.append(item)
+    return res if placed else res + [{'section': 'Papers', 'contents': [REPRODUCED_PAGE]}]
+
 # %% ../nbs/07_docs.ipynb #783f62d2
 def _check_out(out: Path, project: Project) -> None:
     "Refuse to replace a folder that is not an earlier build (or to write into the sources)"
@@ -630,6 +702,8 @@ def check_sources(project: Project) -> list:
     problems = [p for nb in notebooks for p in docs_problems(nb, project.nbs)]
     problems += [f"{f} has no notebook {f.relative_to(project.nbs / 'params').with_suffix('.ipynb')} in {project.nbs.name}/; "
                  f"rename or remove it" for f in orphan_params(project.nbs)]
+    if (project.nbs / REPRODUCED_PAGE).exists():
+        problems.append(f"{project.nbs.name}/{REPRODUCED_PAGE} would be replaced by the page the build gathers from the paper notebooks; rename it")
     for nb in notebooks:
         try: full_parameters(nb, project.nbs)
         except DocsError as e: problems.append(str(e))
@@ -652,7 +726,12 @@ def build_site(out=None, small: bool = False, executed=None, renderer: str = 'au
         tmp = Path(tmp)
         if executed is None: executed = execute_notebooks(project, tmp / 'executed', small, log)
         t1 = time.time()
+        papers = [nb.relative_to(project.nbs) for nb in source_notebooks(project.nbs)
+                  if nb.relative_to(project.nbs).parent.as_posix() == posixpath.dirname(REPRODUCED_PAGE)]
+        found = executed_claims(executed, papers)
+        if found: sidebar = with_reproduced_page(sidebar)
         stage = stage_sources(project, executed, tmp / 'stage', sidebar)
+        if found: nbformat.write(reproduced_notebook(found), stage / REPRODUCED_PAGE)
         proc = process_notebooks(project, stage)
         pages = collect_pages(proc)
         t2 = time.time()

@@ -13,11 +13,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .learned import nonfinite_tensors
+from .learned import LearnedOptimizer, build_net, nonfinite_tensors
+from .tasks import QuadraticTask, seeded
 
 # %% auto #0
-__all__ = ['CHOICES', 'COMPARE_RULES', 'MU_SCHEMES', 'check_same_params', 'all_finite', 'grad_norm', 'CandidateBuffers', 'Guard',
-           'LossGuard', 'GradientGuard', 'theorem1_lr']
+__all__ = ['CHOICES', 'COMPARE_RULES', 'MU_SCHEMES', 'QUADRATIC_METHODS', 'ADVERSARIES', 'check_same_params', 'all_finite',
+           'grad_norm', 'CandidateBuffers', 'Guard', 'LossGuard', 'NaNProposer', 'GradientGuard', 'theorem1_lr',
+           'float64_quadratic', 'untrained_lstm', 'quadratic_run']
 
 # %% ../nbs/02_guards.ipynb #3e2cd290
 CHOICES = ('learned', 'fallback')    # the two components, as `last_choice` and `counts` name them
@@ -308,6 +310,15 @@ class LossGuard(Guard):
         if for_step: self._set_grads(self._gradients(loss))
         return loss.detach()
 
+# %% ../nbs/02_guards.ipynb #6529a752
+class NaNProposer(Optimizer):
+    "An adversarial learned optimizer for demonstrations and tests: every proposal is NaN"
+    def __init__(self, params): super().__init__(params, {})
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g['params']: p.fill_(float('nan'))
+
 # %% ../nbs/02_guards.ipynb #02eead36
 MU_SCHEMES = ('ema', 'geometric', 'recent_term', 'recent_max')
 
@@ -405,3 +416,48 @@ def theorem1_lr(mu: float,             # strong convexity constant of the loss
     _check_fraction('fraction', fraction)
     if not (mu > 0 and L >= mu): raise ValueError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
     return fraction * min(2 / L, 2 * mu)
+
+# %% ../nbs/02_guards.ipynb #ffe4d39c
+def float64_quadratic(dim: int, condition: float, seed: int = 0) -> QuadraticTask:
+    "A quadratic scaled so that Theorem 1 admits the step 1/L, in float64"
+    q = QuadraticTask(dim=dim, condition=condition, scale=math.sqrt(condition), seed=seed)
+    q.hessian, q.b = q.hessian.double(), q.b.double()
+    q.minimizer = torch.linalg.solve(q.hessian, q.b)
+    return q
+
+# %% ../nbs/02_guards.ipynb #7a0159e6
+def untrained_lstm(params, dtype=torch.float32, seed: int = 0) -> LearnedOptimizer:
+    "Andrychowicz et al.'s LSTM optimizer with random weights: a plausible-looking adversary"
+    with seeded(seed): net = build_net('lstm')
+    return LearnedOptimizer(params, net.to(dtype))
+
+# %% ../nbs/02_guards.ipynb #8501c54a
+QUADRATIC_METHODS = ('fallback alone', 'learned alone', 'LossGuard', 'GradientGuard')
+
+ADVERSARIES = {
+    'diverging SGD': lambda ps, q: torch.optim.SGD(ps, lr=10 / q.L),
+    'gradient ascent': lambda ps, q: torch.optim.SGD(ps, lr=1 / q.L, maximize=True),
+    'NaN': lambda ps, q: NaNProposer(ps),
+    'untrained LSTM': lambda ps, q: untrained_lstm(ps, torch.float64),
+}
+
+def quadratic_run(q: QuadraticTask,  # the quadratic (e.g. `float64_quadratic`)
+                  method: str,       # one of QUADRATIC_METHODS
+                  adversary: str,    # a key of ADVERSARIES: the "learned" optimizer
+                  steps: int,        # optimizer steps
+                  seed: int = 0      # seed of the initial point
+                 ) -> list[float]:
+    "Distances to the minimiser along a run of `method` against `adversary` on quadratic `q`"
+    if method not in QUADRATIC_METHODS: raise ValueError(f"method must be one of {list(QUADRATIC_METHODS)}, got {method!r}")
+    m = q.init(seed).double()
+    learned = ADVERSARIES[adversary](list(m.parameters()), q)
+    fallback = torch.optim.SGD(m.parameters(), lr=theorem1_lr(q.mu, q.L))
+    opt = {'LossGuard': lambda: LossGuard(learned, fallback), 'GradientGuard': lambda: GradientGuard(learned, fallback),
+           'fallback alone': lambda: fallback, 'learned alone': lambda: learned}[method]()
+    closure, dist = (lambda: q.loss(m, (None, None))), []
+    for _ in range(steps):
+        if isinstance(opt, Guard): opt.step(closure)
+        else:
+            opt.zero_grad(); closure().backward(); opt.step()
+        dist.append((m.w.detach() - q.minimizer).norm().item())
+    return dist

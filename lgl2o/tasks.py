@@ -25,8 +25,8 @@ from torch.func import functional_call
 # %% auto #0
 __all__ = ['Batch', 'ACTIVATIONS', 'seeded', 'generator', 'Task', 'check_split', 'sgd_run', 'QuadraticModel', 'QuadraticTask',
            'gaussian_quadratic', 'NoisyQuadraticTask', 'LinearModel', 'LeastSquaresTask', 'ClassificationData',
-           'mnist_subset', 'read_idx', 'load_mnist', 'spirals', 'mlp', 'MLPTask', 'mnist_mlp', 'spirals_mlp',
-           'TaskFamily', 'QuadraticFamily', 'MLPFamily', 'demo_tasks', 'demo', 'demo_cli']
+           'mnist_subset', 'read_idx', 'load_mnist', 'spirals', 'label_noise', 'with_validation', 'mlp', 'MLPTask',
+           'mnist_mlp', 'spirals_mlp', 'TaskFamily', 'QuadraticFamily', 'MLPFamily', 'demo_tasks', 'demo', 'demo_cli']
 
 # %% ../nbs/00_tasks.ipynb #0a19efe5
 @contextmanager
@@ -277,27 +277,40 @@ class LeastSquaresTask(Task):
 # %% ../nbs/00_tasks.ipynb #d77bef4d
 @dataclass(repr=False)
 class ClassificationData:
-    "Inputs and integer labels for a train and a test split, plus the settings that made them"
+    "Inputs and integer labels for a train, an optional validation and a test split, plus the settings that made them"
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
     config: dict = field(default_factory=dict)
+    x_valid: Tensor | None = None   # held-out training data, e.g. for a train-by-validation meta-objective
+    y_valid: Tensor | None = None
 
     def __post_init__(self):
-        for s in ('train', 'test'):
+        if (self.x_valid is None) != (self.y_valid is None): raise ValueError("give both x_valid and y_valid, or neither")
+        for s in self.splits:
             x, y = getattr(self, f'x_{s}'), getattr(self, f'y_{s}')
             if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
                 raise ValueError(f"{s} split needs inputs (n, features) and labels (n,) with n > 0; got {tuple(x.shape)} and {tuple(y.shape)}")
-        self.x_train, self.x_test = self.x_train.float(), self.x_test.float()
-        self.y_train, self.y_test = self.y_train.long(), self.y_test.long()
+            setattr(self, f'x_{s}', x.float()); setattr(self, f'y_{s}', y.long())
+
+    @property
+    def splits(self) -> tuple:
+        "The splits this data set has: ('train', 'test'), or ('train', 'valid', 'test') with a validation split"
+        return ('train', 'test') if self.x_valid is None else ('train', 'valid', 'test')
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        "Inputs and labels of split `name`"
+        if name not in self.splits: raise ValueError(f"this data set has no split {name!r}; use one of {list(self.splits)}")
+        return getattr(self, f'x_{name}'), getattr(self, f'y_{name}')
 
     @property
     def n_features(self) -> int: return self.x_train.shape[1]
     @property
     def n_classes(self) -> int: return int(max(self.y_train.max(), self.y_test.max())) + 1
     def __repr__(self):
-        return f"ClassificationData({self.config.get('name', '?')}: {len(self.x_train)} train, {len(self.x_test)} test, {self.n_features} features, {self.n_classes} classes)"
+        sizes = ', '.join(f"{len(self.split(s)[1])} {s}" for s in self.splits)
+        return f"ClassificationData({self.config.get('name', '?')}: {sizes}, {self.n_features} features, {self.n_classes} classes)"
 
 # %% ../nbs/00_tasks.ipynb #0ce6955a
 def _split(x: np.ndarray, y: np.ndarray, n_test: int, seed: int, config: dict) -> ClassificationData:
@@ -367,6 +380,31 @@ def spirals(n: int = 1000, turns: float = 1.5, noise: float = 0.05, n_test: int 
     config = {'name': 'spirals', 'n': n, 'turns': turns, 'noise': noise, 'n_test': n_test, 'seed': seed}
     return _split(x.astype(np.float32), label.astype(np.int64), n_test, seed, config)
 
+# %% ../nbs/00_tasks.ipynb #e6fdbc2f
+def label_noise(data: ClassificationData,  # the clean data
+                fraction: float,           # share of the training (and validation) labels to corrupt, in [0, 1]
+                seed: int = 0              # which labels, and their wrong classes
+               ) -> ClassificationData:
+    "A copy of `data` with `fraction` of its training and validation labels replaced by a different class; test labels stay clean"
+    if not 0 <= fraction <= 1: raise ValueError(f"fraction must be between 0 and 1, got {fraction!r}")
+    gen, k = generator(seed), data.n_classes
+    def corrupt(y):
+        y, n = y.clone(), round(fraction * len(y))
+        idx = torch.randperm(len(y), generator=gen)[:n]
+        y[idx] = (y[idx] + torch.randint(1, k, (n,), generator=gen)) % k   # a uniformly drawn *other* class
+        return y
+    valid = {} if data.x_valid is None else {'x_valid': data.x_valid, 'y_valid': corrupt(data.y_valid)}
+    return ClassificationData(data.x_train, corrupt(data.y_train), data.x_test, data.y_test,
+                              {**data.config, 'label_noise': fraction, 'label_noise_seed': seed}, **valid)
+
+def with_validation(data: ClassificationData, n_valid: int) -> ClassificationData:
+    "A copy of `data` whose last `n_valid` training samples are its validation split"
+    if data.x_valid is not None: raise ValueError("data already has a validation split")
+    if not 0 < n_valid < len(data.y_train): raise ValueError(f"n_valid must be between 1 and {len(data.y_train) - 1}, got {n_valid}")
+    cut = len(data.y_train) - n_valid
+    return ClassificationData(data.x_train[:cut], data.y_train[:cut], data.x_test, data.y_test, {**data.config, 'n_valid': n_valid},
+                              x_valid=data.x_train[cut:], y_valid=data.y_train[cut:])
+
 # %% ../nbs/00_tasks.ipynb #3e83edd8
 ACTIVATIONS = {'sigmoid': nn.Sigmoid, 'relu': nn.ReLU, 'tanh': nn.Tanh, 'gelu': nn.GELU}
 
@@ -394,7 +432,6 @@ class MLPTask(Task):
     activation: str = 'sigmoid'   # one of ACTIVATIONS
     batch_size: int = 128         # minibatch size
     init_std: float | None = 0.01 # N(0, init_std^2) weights and zero biases; None keeps PyTorch's init
-    splits = ('train', 'test')
 
     def __post_init__(self):
         if self.data is None: self.data = mnist_subset()
@@ -405,6 +442,9 @@ class MLPTask(Task):
         if not 1 <= self.batch_size <= len(self.data.x_train):
             raise ValueError(f"batch_size must be between 1 and {len(self.data.x_train)} (the training set), got {self.batch_size}")
         if self.activation not in ACTIVATIONS: raise ValueError(f"unknown activation {self.activation!r}; use one of {list(ACTIVATIONS)}")
+
+    @property
+    def splits(self) -> tuple: return self.data.splits   # 'valid' too when the data have a validation split
 
     def build(self): return mlp([self.data.n_features, *self.hidden, self.data.n_classes], self.activation)
 
@@ -419,12 +459,12 @@ class MLPTask(Task):
 
     def batches(self, seed=0, split='train'):
         check_split(self, split)
-        x, y = (self.data.x_train, self.data.y_train) if split == 'train' else (self.data.x_test, self.data.y_test)
+        x, y = self.data.split(split)
         for idx in _epochs(len(x), min(self.batch_size, len(x)), generator(seed)): yield x[idx], y[idx]
 
     def full_batch(self, split='test'):
         check_split(self, split)
-        return (self.data.x_train, self.data.y_train) if split == 'train' else (self.data.x_test, self.data.y_test)
+        return self.data.split(split)
 
     @torch.no_grad()
     def evaluate(self, model_or_params, split='test'):

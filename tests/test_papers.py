@@ -38,3 +38,46 @@ def test_step_size_meta_objective_claims(run_notebook):
     assert few['tbt_eta'] > 5 * few['tbv_eta']
     assert few['tbt_test'] > 1.1 * few['tbv_test']
     assert abs(many['tbt_test'] - many['tbv_test']) < 0.05 * many['tbv_test']
+
+
+def _claims(r: dict) -> dict:
+    "The notebook's claims rows by claim, checked: every row has the four fields and a known match"
+    from lgl2o.docs import MATCHES
+    assert r['claims'], 'the notebook wrote no claims'
+    for c in r['claims']:
+        assert set(c) == {'claim', 'paper', 'ours', 'match'} and c['match'] in MATCHES, c
+    return {c['claim']: c for c in r['claims']}
+
+
+def test_stability_claims_table(run_notebook):
+    "The first two claims of seed 003 are computed and hold; the third is reported, whatever it says"
+    _, r = run_notebook(NBS / 'papers' / 'stability.ipynb')
+    claims = list(_claims(r).values())
+    assert len(claims) == 3 and [c['match'] for c in claims[:2]] == ['yes', 'yes']
+
+
+def test_lgl2o_claims(run_notebook):
+    "Seeds 000/001: guarded convergence whatever the adversary; LGL2O never diverges and needs one gradient per step, GL2O more"
+    _, r = run_notebook(NBS / 'papers' / 'lgl2o.ipynb')
+    rel = r['quadratic']['relative_final']
+    assert all(d < 1e-6 for d in rel['LossGuard'].values()), rel['LossGuard']
+    assert all(d < 1e-4 for d in rel['GradientGuard'].values()), rel['GradientGuard']
+    assert not any(d < 0.1 for d in rel['learned alone'].values()), rel['learned alone']   # NaN is not < 0.1
+    lg = [s for s in r['summary'] if s['kind'] == 'lgl2o']
+    gl = [s for s in r['summary'] if s['kind'] == 'gl2o']
+    assert lg and gl
+    assert all(s['diverged'] == 0 and math.isfinite(s['train_loss']) for s in lg)
+    assert all(abs(s['backward_per_step'] - 1) < 0.02 for s in lg) and all(s['backward_per_step'] > 1.2 for s in gl)
+    claims = list(_claims(r).values())
+    assert [c['match'] for c in claims[:2]] == ['yes', 'yes']    # Theorem 1, fewer gradients than GL2O
+    assert {s['scenario'] for s in r['summary']} == set(r['lengths'])
+
+
+def test_l2l_claims(run_notebook):
+    "Andrychowicz et al.: in distribution the LSTM's mean training loss is below tuned SGD's; under LGL2O nothing diverges"
+    _, r = run_notebook(NBS / 'papers' / 'l2l.ipynb')
+    assert r['mean_loss']['in-distribution / lstm-mnist'] < r['mean_loss']['in-distribution / SGD']
+    lg = [s for s in r['summary'] if s['kind'] == 'lgl2o']
+    assert lg and all(s['diverged'] == 0 and math.isfinite(s['train_loss']) for s in lg)
+    assert {c['scenario'] for c in r['comparison']} >= {'in-distribution', 'mnist-200'}
+    assert len(_claims(r)) == 7
