@@ -195,7 +195,7 @@ class BenchmarkResult:
         paths['config'].write_text(json.dumps(self.config, indent=1, default=str))
         return paths
 
-# %% ../nbs/05_bench.ipynb #94c7be90
+# %% ../nbs/05_bench.ipynb #2bda873c
 def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run: names in `scenarios(full)` or `Scenario`s of your own (default: all of `scenarios(full)`)
                   seeds: list[int] = (0, 1, 2),     # evaluation seeds
                   nets: list[str] = ('lstm-mnist',),  # pretrained learned optimizers to include

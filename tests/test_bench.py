@@ -74,3 +74,12 @@ def test_bench_bad_input_is_one_line_exit_2(tmp_path):
         res = _bench(*args)
         assert res.returncode == 2, (args, res.stderr)
         assert expected in res.stderr and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr, res.stderr
+
+
+def test_horizon_anatomy_runs_every_variant(run_notebook):
+    "The 10x-horizon anatomy table: SGD, the LSTM, and LGL2O deciding on one or four batches, at two SGD learning rates"
+    rows = _bench_results(run_notebook)['anatomy']
+    assert [r['optimizer'] for r in rows] == ['SGD', 'lstm-mnist', 'LGL2O', 'LGL2O', 'SGD', 'LGL2O']
+    assert [r['deciding batches'] for r in rows if r['optimizer'] == 'LGL2O'] == [1, 4, 1]
+    assert all(0 <= r['learned kept'] <= 1 for r in rows if r['optimizer'] == 'LGL2O')
+    assert all(r['final train loss'] > 0 for r in rows)
