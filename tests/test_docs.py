@@ -233,6 +233,20 @@ def test_no_page_shows_an_error(visited):
         assert f['errors'] == 0, out
 
 
+def test_reproduced_page_gathers_every_paper(visited, executed_dir, project):
+    "The generated papers/reproduced page is in the sidebar and shows every paper notebook's claims, as its executed copy computed them"
+    _, manifest, facts = visited
+    assert docs.sidebar_notebooks(manifest['sidebar']).count(docs.REPRODUCED_PAGE) == 1
+    page = next(p for p in manifest['pages'] if p['src'] == docs.REPRODUCED_PAGE)
+    papers = [nb.relative_to(project.nbs) for nb in docs.source_notebooks(project.nbs) if nb.relative_to(project.nbs).parts[0] == 'papers']
+    found = docs.executed_claims(executed_dir, papers)
+    assert [f['notebook'] for f in found] == sorted(p.as_posix() for p in papers), "every paper notebook must end with show_claims"
+    text = facts[page['out']]['text']
+    for f in found:
+        assert f['paper'] in text, f['paper']
+        for c in f['claims']: assert ' '.join(c['claim'].split()[:3]) in text, c['claim']
+
+
 def test_home_page_screenshot(visited, browser):
     "A screenshot of the home page is kept as a test artifact, and is not blank"
     from PIL import Image
