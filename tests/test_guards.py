@@ -1,16 +1,15 @@
 """Behaviour of lgl2o.guards: Theorem 1 against adversaries, non-finite handling, the deferred comparison, checkpoints, costs."""
 import copy
 import io
-import math
 
 import pytest
 import torch
 from hypothesis import example, HealthCheck, given, settings, strategies as st
 
 from conftest import NBS
-from lgl2o.guards import GradientGuard, Guard, LossGuard, MU_SCHEMES, check_same_params, theorem1_lr
-from lgl2o.learned import LearnedOptimizer, build_net
-from lgl2o.tasks import MLPTask, QuadraticTask, seeded, spirals
+from lgl2o.guards import (ADVERSARIES, GradientGuard, Guard, LossGuard, MU_SCHEMES, check_same_params, theorem1_lr,
+                          float64_quadratic as quadratic)
+from lgl2o.tasks import MLPTask, QuadraticTask, spirals
 
 GUARDS = [LossGuard, GradientGuard]
 
@@ -34,27 +33,6 @@ class GradScribbler(torch.optim.SGD):
         super().step()
         for g in self.param_groups:
             for p in g['params']: p.grad.mul_(-1e6)
-
-
-def untrained_lstm(params, seed=0):
-    with seeded(seed): net = build_net('lstm')
-    return LearnedOptimizer(params, net.double())
-
-
-ADVERSARIES = {
-    'diverging SGD': lambda ps, q: torch.optim.SGD(ps, lr=10 / q.L),
-    'gradient ascent': lambda ps, q: torch.optim.SGD(ps, lr=1 / q.L, maximize=True),
-    'NaN': lambda ps, q: NaNProposer(ps),
-    'untrained LSTM': lambda ps, q: untrained_lstm(ps),
-}
-
-
-def quadratic(dim, condition, seed):
-    "A float64 quadratic scaled so that Theorem 1 admits the GD step 1/L (see the notebook)"
-    q = QuadraticTask(dim=dim, condition=condition, scale=math.sqrt(condition), seed=seed)
-    q.hessian, q.b = q.hessian.double(), q.b.double()
-    q.minimizer = torch.linalg.solve(q.hessian, q.b)
-    return q
 
 
 def spiral_task():
