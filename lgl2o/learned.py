@@ -129,15 +129,11 @@ class LSTMNet(LearnedNet):
                 for s, piece in zip(new_states, t.split(sizes, 1)): s[k] = piece
         return unflatten(new, params), new_states
 
-# %% ../nbs/01_learned.ipynb #c2089c4a
-@lru_cache(maxsize=64)
-def _lengths(sizes: tuple) -> Tensor: return torch.tensor(sizes)
-
+# %% ../nbs/01_learned.ipynb #ae085ba3
 def segment_rms_normalize(x: Tensor, sizes: tuple, eps: float = 1e-30) -> Tensor:
-    "Divide each column of `x` [N, F] by its root mean square over each run of rows of lengths `sizes`"
-    sums = torch.stack([c.sum(0) for c in (x * x).split(sizes)])   # one sum per contiguous run: far faster than a scatter
-    inv = torch.rsqrt(sums / torch.tensor(sizes, dtype=x.dtype)[:, None] + eps)
-    return x * (inv if len(sizes) == 1 else inv.repeat_interleave(_lengths(sizes), 0, output_size=x.shape[0]))
+    "Divide each row of `x` [F, N] by its root mean square over each run of columns of lengths `sizes`"
+    runs = [c * torch.rsqrt(c.square().mean(1, keepdim=True) + eps) for c in x.split(sizes, 1)]
+    return runs[0] if len(runs) == 1 else torch.cat(runs, 1)
 
 # %% ../nbs/01_learned.ipynb #b6218a2b
 def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: list[dict], beta2: float, eps: float):
@@ -151,7 +147,7 @@ def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: lis
         new.append({'row': row, 'col': col})
     return vf, new
 
-# %% ../nbs/01_learned.ipynb #46e3051f
+# %% ../nbs/01_learned.ipynb #af4d193e
 class MLPNet(LearnedNet):
     "Per-parameter MLP learned optimizer on normalised momentum features (small_fc_lopt style)"
     kind = 'mlp'
@@ -187,35 +183,37 @@ class MLPNet(LearnedNet):
     def init_state(self, params):
         states = []
         for p in params:
-            s = {'m': p.new_zeros(p.numel(), len(self.decays)), 'v': p.new_zeros(p.numel())}
+            s = {'m': p.new_zeros(len(self.decays), p.numel()), 'v': p.new_zeros(p.numel())}
             if self.config['factored'] and p.ndim == 2: s['row'], s['col'] = p.new_zeros(p.shape[0]), p.new_zeros(p.shape[1])
             states.append(s)
         return states
 
     def features(self, params, grads, states):
-        "Normalised features [N, F], flat g and p, momenta m [N, K], second moment v [N], and the new states"
+        "Normalised features [F, N], flat g and p, momenta m [K, N], second moment v [N], and the new states"
         cfg, sizes = self.config, tuple(p.numel() for p in params)
         g, p = guard_grads(flat_cat(grads)), flat_cat(params)
-        m = torch.lerp(g[:, None], cat_views([s['m'] for s in states]), self.decays)   # beta*m + (1-beta)*g
+        m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays[:, None])  # beta*m + (1-beta)*g
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         rs = torch.rsqrt(v + cfg['eps'])
-        cols = [g[:, None], p.clamp(-GRAD_LIMIT, GRAD_LIMIT)[:, None], m, v.sqrt()[:, None], m * rs[:, None], rs[:, None]]
-        new_states = [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes), v.split(sizes))]
+        rows = [g[None], p.clamp(-GRAD_LIMIT, GRAD_LIMIT)[None], m, v.sqrt()[None], m * rs, rs[None]]
+        new_states = [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
         if cfg['factored']:
             vf, fac = factored_second_moments(params, (g * g).split(sizes), states, cfg['beta2'], cfg['eps'])
             rf = torch.rsqrt(torch.cat([f if f is not None else vi for f, vi in zip(vf, v.split(sizes))]) + cfg['eps'])
-            cols += [(g * rf)[:, None], rf[:, None]]
+            rows += [(g * rf)[None], rf[None]]
             for s, f in zip(new_states, fac): s.update(f)
-        x = segment_rms_normalize(torch.cat(cols, 1), sizes)
+        x = segment_rms_normalize(torch.cat(rows, 0), sizes)
         return x, g, p, m, v, new_states
 
     def mlp(self, x: Tensor, step: int) -> Tensor:
-        "The per-coordinate MLP on features `x` [N, F], outputs as rows [n_outputs, N]; the step embedding is a bias of the first layer"
+        "The per-coordinate MLP on features `x` [F, N], outputs as rows [n_outputs, N]; the step embedding is a bias of the first layer"
         w, b, nf = self.input.weight, self.input.bias, self.n_features
         if len(self.timescales):
             b = b + w[:, nf:] @ torch.tanh(torch.as_tensor(float(step), dtype=x.dtype) / self.timescales)
-        h = self.body(F.linear(x, w[:, :nf], b))
-        return torch.addmm(self.output.bias[:, None], self.output.weight, h.T)   # [outputs, N]: contiguous rows, and a faster GEMM
+        h = torch.addmm(b[:, None], w[:, :nf], x).relu_()
+        for layer in self.body:   # its ReLUs are the relu_ calls: [hidden, N] activations need W @ h, not nn.Linear's h @ W.T
+            if isinstance(layer, nn.Linear): h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
+        return torch.addmm(self.output.bias[:, None], self.output.weight, h)
 
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
@@ -224,7 +222,7 @@ class MLPNet(LearnedNet):
         delta = cfg['step_mult'] * out[0] * torch.exp((cfg['exp_mult'] * out[1]).clamp(max=20.0))
         return unflatten(p - delta, params), new_states
 
-# %% ../nbs/01_learned.ipynb #f5668374
+# %% ../nbs/01_learned.ipynb #02f7822f
 class NominalNet(MLPNet):
     "STAR: an averaged-momentum Adam step with learned magnitude plus a small learned blackbox correction"
     kind = 'nominal'
@@ -252,11 +250,11 @@ class NominalNet(MLPNet):
         x, g, p, m, v, new_states = self.features(params, grads, states)
         out = self.mlp(x, step)
         t = step + 1   # bias correction of the moments after t updates
-        m_hat_mean = m @ (1 / (len(self.decays) * (1 - self.decays ** t)))   # mean over k of m_k / (1 - beta_k^t)
+        m_hat_mean = (1 / (len(self.decays) * (1 - self.decays ** t))) @ m   # mean over k of m_k / (1 - beta_k^t)
         direction = m_hat_mean / ((v / (1 - cfg['beta2'] ** t)).sqrt() + cfg['adam_eps'])
         nominal = cfg['lr'] * torch.exp((cfg['nominal_exp'] * out[2]).clamp(-20.0, 20.0)) * direction
         blackbox = cfg['blackbox_scale'] * out[0] * torch.exp((cfg['exp_mult'] * out[1]).clamp(max=20.0))
-        if cfg['precondition']: blackbox = blackbox * x[:, self.rs_column]   # the normalised 1/sqrt(v) feature
+        if cfg['precondition']: blackbox = blackbox * x[self.rs_column]   # the normalised 1/sqrt(v) feature
         return unflatten(p - nominal - blackbox, params), new_states
 
 # %% ../nbs/01_learned.ipynb #5e8552f5
