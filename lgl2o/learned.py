@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['GRAD_LIMIT', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views', 'flat_cat', 'unflatten', 'check_update_args',
-           'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
-           'StepSizeNet', 'build_net', 'restore_net', 'check_lr', 'check_placement', 'nonfinite_tensors',
-           'check_step_inputs', 'LearnedOptimizer', 'check_states']
+__all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views', 'flat_cat', 'unflatten',
+           'check_update_args', 'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments',
+           'MLPNet', 'NominalNet', 'StepSizeNet', 'build_net', 'restore_net', 'check_lr', 'check_placement',
+           'nonfinite_tensors', 'check_step_inputs', 'LearnedOptimizer', 'check_states']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -147,7 +147,11 @@ def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: lis
         new.append({'row': row, 'col': col})
     return vf, new
 
-# %% ../nbs/01_learned.ipynb #af4d193e
+# %% ../nbs/01_learned.ipynb #b4228376
+# Coordinates per block of the MLP: a block's [hidden, MLP_CHUNK] activations stay in a core's L2 cache
+# between layers; a whole [32, 16k] activation does not, and the MNIST step took 40% longer that way.
+MLP_CHUNK = 4096
+
 class MLPNet(LearnedNet):
     "Per-parameter MLP learned optimizer on normalised momentum features (small_fc_lopt style)"
     kind = 'mlp'
@@ -210,10 +214,13 @@ class MLPNet(LearnedNet):
         w, b, nf = self.input.weight, self.input.bias, self.n_features
         if len(self.timescales):
             b = b + w[:, nf:] @ torch.tanh(torch.as_tensor(float(step), dtype=x.dtype) / self.timescales)
-        h = torch.addmm(b[:, None], w[:, :nf], x).relu_()
-        for layer in self.body:   # its ReLUs are the relu_ calls: [hidden, N] activations need W @ h, not nn.Linear's h @ W.T
-            if isinstance(layer, nn.Linear): h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
-        return torch.addmm(self.output.bias[:, None], self.output.weight, h)
+        hidden = [layer for layer in self.body if isinstance(layer, nn.Linear)]   # its ReLUs are the relu_ calls below
+        outs = []
+        for xc in x.split(MLP_CHUNK, 1):
+            h = torch.addmm(b[:, None], w[:, :nf], xc).relu_()
+            for layer in hidden: h = torch.addmm(layer.bias[:, None], layer.weight, h).relu_()
+            outs.append(torch.addmm(self.output.bias[:, None], self.output.weight, h))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
