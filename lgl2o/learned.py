@@ -129,10 +129,15 @@ class LSTMNet(LearnedNet):
                 for s, piece in zip(new_states, t.split(sizes, 1)): s[k] = piece
         return unflatten(new, params), new_states
 
-# %% ../nbs/01_learned.ipynb #ae085ba3
-def segment_rms_normalize(x: Tensor, sizes: tuple, eps: float = 1e-30) -> Tensor:
+# %% ../nbs/01_learned.ipynb #122d4b5b
+def segment_rms_normalize(x: Tensor, sizes: tuple, eps: float = 1e-30, inplace: bool = False) -> Tensor:
     "Divide each row of `x` [F, N] by its root mean square over each run of columns of lengths `sizes`"
-    runs = [c * torch.rsqrt(c.square().mean(1, keepdim=True) + eps) for c in x.split(sizes, 1)]
+    # a norm reduces in one pass without a tensor of squares
+    scales = [torch.rsqrt(torch.linalg.vector_norm(c, dim=1, keepdim=True).square() / c.shape[1] + eps) for c in x.split(sizes, 1)]
+    if inplace:
+        for c, s in zip(x.split(sizes, 1), scales): c.mul_(s)
+        return x
+    runs = [c * s for c, s in zip(x.split(sizes, 1), scales)]
     return runs[0] if len(runs) == 1 else torch.cat(runs, 1)
 
 # %% ../nbs/01_learned.ipynb #b6218a2b
@@ -147,7 +152,7 @@ def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: lis
         new.append({'row': row, 'col': col})
     return vf, new
 
-# %% ../nbs/01_learned.ipynb #b4228376
+# %% ../nbs/01_learned.ipynb #7697c75b
 # Coordinates per block of the MLP: a block's [hidden, MLP_CHUNK] activations stay in a core's L2 cache
 # between layers; a whole [32, 16k] activation does not, and the MNIST step took 40% longer that way.
 MLP_CHUNK = 4096
@@ -206,7 +211,8 @@ class MLPNet(LearnedNet):
             rf = torch.rsqrt(torch.cat([f if f is not None else vi for f, vi in zip(vf, v.split(sizes))]) + cfg['eps'])
             rows += [(g * rf)[None], rf[None]]
             for s, f in zip(new_states, fac): s.update(f)
-        x = segment_rms_normalize(torch.cat(rows, 0), sizes)
+        # in place unless autograd records (meta-training), which needs the unnormalised rows for the backward pass
+        x = segment_rms_normalize(torch.cat(rows, 0), sizes, inplace=not torch.is_grad_enabled())
         return x, g, p, m, v, new_states
 
     def mlp(self, x: Tensor, step: int) -> Tensor:
