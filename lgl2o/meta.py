@@ -174,6 +174,7 @@ class MetaConfig:
     second_order: bool = False        # keep the optimizee's gradient in the graph (exact, slower)
     meta_optimizer: str = 'adam'      # 'adam' (AdamW when weight decay > 0) or 'sgd'
     lr: float = 1e-3                  # meta learning rate
+    lr_schedule: str = 'constant'     # meta learning rate over the run: 'constant', or 'cosine' (from lr at meta-step 0 down to 0 at meta_steps)
     weight_decay: float | None = None # decoupled weight decay of the net's weights; None takes the net's meta_weight_decay hint
     clip_grad: float | None = 1.0     # clip the meta-gradient to this norm; None does not clip
     seed: int = 0                     # seeds the net's initialisation, the task sampling, inits and batches
@@ -198,6 +199,7 @@ class MetaConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.eval_split not in (None, 'train', 'valid', 'test'): raise ValueError(f"eval_split must be 'train', 'valid', 'test' or None, got {self.eval_split!r}")
+        if self.lr_schedule not in ('constant', 'cosine'): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.clip_grad is not None and not self.clip_grad > 0: raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
         if self.weight_decay is not None and not self.weight_decay >= 0: raise ValueError(f"weight_decay must be >= 0 or None, got {self.weight_decay!r}")
@@ -422,7 +424,9 @@ class MetaTrainer:
             for p, g in zip(self.net.parameters(), grads): p.grad = g
             grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad or math.inf).item()
             ok = math.isfinite(grad_norm)
-        if ok: self.meta_opt.step()
+        if ok:
+            for group in self.meta_opt.param_groups: group['lr'] = self.meta_lr()
+            self.meta_opt.step()
         self.meta_opt.zero_grad(set_to_none=True)
         record = {'step': self.step + 1, 'meta_loss': loss if ok else None,
                   'meta_grad_norm': grad_norm if ok else None, 'task_step': step, 'seconds': time.perf_counter() - t0}
@@ -432,6 +436,12 @@ class MetaTrainer:
         if not ok or res[0].step >= cfg.trajectory: self.trajs = None   # diverged or done: fresh trajectories next time
         self.step += 1
         return self._log(record)
+
+    def meta_lr(self) -> float:
+        "The meta learning rate of the next meta-step: a function of the step alone, so a resumed run continues the schedule exactly"
+        cfg = self.config
+        if cfg.lr_schedule == 'constant': return cfg.lr
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.step, cfg.meta_steps) / cfg.meta_steps))
 
     def evaluate(self) -> dict:
         "Train the held-out task instances (seeds config.seed + 1, + 2, ..) for one trajectory each with the current net, on the CPU; mean results"

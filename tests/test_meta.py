@@ -32,6 +32,10 @@ RESUME_CASES = {
     # LSTM on a quadratic family, with evaluation and keep-best, weight decay through AdamW
     'lstm-quadratic-eval': (MetaConfig(net='lstm', net_config={'hidden': 6}, task='quadratic_family', task_config={'dims': [4, 6]},
                                        meta_steps=7, unroll=2, trajectory=5, eval_every=2, weight_decay=0.01, seed=5), None),
+    # learned step size, log_mean objective, cosine meta-lr, evaluation on 2 instances' training loss
+    'stepsize-cosine-log-mean': (MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 5}, meta_steps=7, unroll=2, trajectory=5,
+                                            objective='log_mean', lr=0.05, lr_schedule='cosine', eval_every=2, eval_instances=2,
+                                            eval_split='train', seed=4), None),
 }
 
 
@@ -205,6 +209,20 @@ def test_evaluation_on_several_instances_and_a_chosen_split():
     assert len(evals) == 2 and several.best == min(evals)
 
 
+def test_cosine_meta_lr_schedule():
+    config = MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 4}, meta_steps=4, unroll=2, trajectory=4, lr=0.1, lr_schedule='cosine')
+    tr = MetaTrainer(config, progress=False)
+    used = []
+    for _ in range(4):
+        used.append(tr.meta_lr()); tr.meta_step()
+        assert tr.meta_opt.param_groups[0]['lr'] == used[-1]
+    assert [round(v, 6) for v in used] == [round(0.1 * (1 + math.cos(math.pi * k / 4)) / 2, 6) for k in range(4)]
+    assert tr.meta_lr() == 0.0
+    constant = MetaTrainer(MetaConfig(**{**config.to_dict(), 'lr_schedule': 'constant'}), progress=False)
+    constant.meta_step(); constant.meta_step()
+    assert constant.meta_lr() == 0.1 and constant.meta_opt.param_groups[0]['lr'] == 0.1
+
+
 def test_config_round_trip_and_errors():
     config = MetaConfig(net='mlp', net_config={'hidden': 16}, task='mlp_family', task_config={'widths': [10, 20]}, clip_grad=None)
     assert MetaConfig.from_json(config.to_json()) == config
@@ -212,7 +230,8 @@ def test_config_round_trip_and_errors():
     for bad, message in [({'net': 'rnn'}, "unknown net 'rnn'"), ({'task': 'cifar'}, "unknown task 'cifar'"),
                          ({'objective': 'max'}, "unknown objective 'max'"), ({'trajectory': 0}, 'trajectory must be an integer >= 1'),
                          ({'meta_split': 'dev'}, "meta_split must be"), ({'lr': -1.0}, 'lr must be > 0'),
-                         ({'eval_instances': 0}, 'eval_instances must be an integer >= 1'), ({'eval_split': 'dev'}, 'eval_split must be')]:
+                         ({'eval_instances': 0}, 'eval_instances must be an integer >= 1'), ({'eval_split': 'dev'}, 'eval_split must be'),
+                         ({'lr_schedule': 'step'}, 'lr_schedule must be')]:
         with pytest.raises(ValueError, match=message):
             MetaConfig(**bad)
     with pytest.raises(ValueError, match=r"unknown MetaConfig keys \['epochs'\]"):
