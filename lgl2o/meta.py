@@ -56,18 +56,19 @@ class BatchStream:
         return batch if self.device is None else to_device(batch, self.device)
 
 # %% ../nbs/03_meta.ipynb #0c40a73a
-OBJECTIVES = ('sum', 'mean', 'final', 'log_final')
+OBJECTIVES = ('sum', 'mean', 'final', 'log_final', 'log_mean')
 
 def meta_loss(losses: list[Tensor],      # losses after each update, l(theta_1) .. l(theta_T)
               objective: str = 'sum',    # one of OBJECTIVES
-              offset: float = 0.0        # the task's minimum, subtracted inside the log of 'log_final'
+              offset: float = 0.0        # the task's minimum, subtracted inside the logs of 'log_final' and 'log_mean'
              ) -> Tensor:
-    "The meta-objective of the losses along an unroll: 'sum', 'mean', 'final' loss, or 'log_final' = (1/T) log(final - offset)"
+    "The meta-objective of the losses along an unroll: 'sum', 'mean', 'final' loss, 'log_final' = (1/T) log(final - offset), or 'log_mean' = mean of log(loss - offset)"
     if objective not in OBJECTIVES: raise ValueError(f"unknown meta-objective {objective!r}; use one of {list(OBJECTIVES)}")
     if not losses: raise ValueError("meta_loss needs at least one loss (an unroll of >= 1 step)")
     if objective == 'sum': return torch.stack(losses).sum()
     if objective == 'mean': return torch.stack(losses).mean()
     if objective == 'final': return losses[-1]
+    if objective == 'log_mean': return torch.log((torch.stack(losses) - offset).clamp_min(1e-30)).mean()
     return torch.log((losses[-1] - offset).clamp_min(1e-30)) / len(losses)
 
 # %% ../nbs/03_meta.ipynb #837d6132
@@ -173,11 +174,14 @@ class MetaConfig:
     second_order: bool = False        # keep the optimizee's gradient in the graph (exact, slower)
     meta_optimizer: str = 'adam'      # 'adam' (AdamW when weight decay > 0) or 'sgd'
     lr: float = 1e-3                  # meta learning rate
+    lr_schedule: str = 'constant'     # meta learning rate over the run: 'constant', or 'cosine' (from lr at meta-step 0 down to 0 at meta_steps)
     weight_decay: float | None = None # decoupled weight decay of the net's weights; None takes the net's meta_weight_decay hint
     clip_grad: float | None = 1.0     # clip the meta-gradient to this norm; None does not clip
     seed: int = 0                     # seeds the net's initialisation, the task sampling, inits and batches
     checkpoint_every: int = 0         # save a checkpoint every this many meta-steps (0: only at the end of `train`)
-    eval_every: int = 0               # evaluate on a held-out task instance every this many meta-steps (0: never)
+    eval_every: int = 0               # evaluate on held-out task instances every this many meta-steps (0: never)
+    eval_instances: int = 1           # held-out instances per evaluation, seeds seed+1 .. seed+eval_instances; the score is their mean
+    eval_split: str | None = None     # split whose loss after the trajectory is the evaluation score; None: the task's default (MNIST: test)
     keep_best: bool = True            # with evaluation, also save the best net so far as best.pt
     tasks_per_step: int = 1           # task instances per meta-step over all processes (a multiple of the number of processes); the meta-gradient is their mean
     device: str = 'cpu'               # where unrolls run: 'cpu', 'cuda' or 'cuda:N' (under torchrun 'cuda' is each worker's GPU)
@@ -188,12 +192,14 @@ class MetaConfig:
         if self.objective not in OBJECTIVES: raise ValueError(f"unknown objective {self.objective!r}; use one of {list(OBJECTIVES)}")
         if self.meta_split not in ('train', 'valid', 'test'): raise ValueError(f"meta_split must be 'train', 'valid' or 'test', got {self.meta_split!r}")
         if self.meta_optimizer not in ('adam', 'sgd'): raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {self.meta_optimizer!r}")
-        for name in ('meta_steps', 'unroll', 'trajectory', 'tasks_per_step'):
+        for name in ('meta_steps', 'unroll', 'trajectory', 'tasks_per_step', 'eval_instances'):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         for name in ('checkpoint_every', 'eval_every'):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.eval_split not in (None, 'train', 'valid', 'test'): raise ValueError(f"eval_split must be 'train', 'valid', 'test' or None, got {self.eval_split!r}")
+        if self.lr_schedule not in ('constant', 'cosine'): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.clip_grad is not None and not self.clip_grad > 0: raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
         if self.weight_decay is not None and not self.weight_decay >= 0: raise ValueError(f"weight_decay must be >= 0 or None, got {self.weight_decay!r}")
@@ -276,10 +282,12 @@ def run_net(net: LearnedNet, task: Task, steps: int, seed: int = 0) -> tuple[dic
         if not math.isfinite(losses[-1]): break
     return {k: p.detach() for k, p in zip(names, theta)}, losses
 
-def evaluate_net(net: LearnedNet, task: Task, steps: int, seed: int = 0) -> dict:
+def evaluate_net(net: LearnedNet, task: Task, steps: int, seed: int = 0,
+                 split: str | None = None) -> dict:   # split of the final evaluation; None: the task's default
     "Mean training loss of a `steps`-step run with `net`, and the task's evaluation of the final parameters"
     params, losses = run_net(net, task, steps, seed)
-    final = task.evaluate(params) if all(math.isfinite(l) for l in losses) else {'loss': math.inf}
+    ok = all(math.isfinite(l) for l in losses)
+    final = (task.evaluate(params) if split is None else task.evaluate(params, split)) if ok else {'loss': math.inf}
     return {'train_loss': float(np.mean(losses)), **{f'eval_{k}': v for k, v in final.items()}}
 
 # %% ../nbs/03_meta.ipynb #6b688a2e
@@ -371,7 +379,7 @@ class MetaTrainer:
         dev = None if self.device.type == 'cpu' else self.device
         split = self.config.meta_split
         meta = BatchStream(task, seeds[2] + 1, split, consumed[1], dev) if split != 'train' else None
-        offset = float(getattr(task, 'optimum', 0.0)) if self.config.objective == 'log_final' else 0.0
+        offset = float(getattr(task, 'optimum', 0.0)) if self.config.objective in ('log_final', 'log_mean') else 0.0
         return _Trajectory(task, tuple(seeds), params, states, BatchStream(task, seeds[2], 'train', consumed[0], dev), meta, offset, step)
 
     def _new_trajectories(self) -> list[_Trajectory]:
@@ -416,7 +424,9 @@ class MetaTrainer:
             for p, g in zip(self.net.parameters(), grads): p.grad = g
             grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad or math.inf).item()
             ok = math.isfinite(grad_norm)
-        if ok: self.meta_opt.step()
+        if ok:
+            for group in self.meta_opt.param_groups: group['lr'] = self.meta_lr()
+            self.meta_opt.step()
         self.meta_opt.zero_grad(set_to_none=True)
         record = {'step': self.step + 1, 'meta_loss': loss if ok else None,
                   'meta_grad_norm': grad_norm if ok else None, 'task_step': step, 'seconds': time.perf_counter() - t0}
@@ -427,11 +437,18 @@ class MetaTrainer:
         self.step += 1
         return self._log(record)
 
+    def meta_lr(self) -> float:
+        "The meta learning rate of the next meta-step: a function of the step alone, so a resumed run continues the schedule exactly"
+        cfg = self.config
+        if cfg.lr_schedule == 'constant': return cfg.lr
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.step, cfg.meta_steps) / cfg.meta_steps))
+
     def evaluate(self) -> dict:
-        "Train a held-out task instance (seed config.seed + 1) for one trajectory with the current net, on the CPU"
-        seed = self.config.seed + 1
+        "Train the held-out task instances (seeds config.seed + 1, + 2, ..) for one trajectory each with the current net, on the CPU; mean results"
+        cfg = self.config
         net = self.net if self.device.type == 'cpu' else copy.deepcopy(self.net).cpu()
-        return evaluate_net(net, self._sample(seed), self.config.trajectory, seed)
+        runs = [evaluate_net(net, self._sample(s), cfg.trajectory, s, cfg.eval_split) for s in range(cfg.seed + 1, cfg.seed + 1 + cfg.eval_instances)]
+        return runs[0] if len(runs) == 1 else {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
 
     def _log(self, record: dict) -> dict:
         self.history.append(record)

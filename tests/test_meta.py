@@ -9,8 +9,8 @@ import torch
 
 from conftest import NBS
 from lgl2o.learned import build_net
-from lgl2o.meta import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MetaConfig, MetaTrainer, atomic_save, load_checkpoint,
-                        make_task, meta_train, read_checkpoint, unroll)
+from lgl2o.meta import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MetaConfig, MetaTrainer, atomic_save, evaluate_net, load_checkpoint,
+                        make_task, meta_loss, meta_train, read_checkpoint, unroll)
 from lgl2o.tasks import LeastSquaresTask, MLPFamily, QuadraticFamily, QuadraticTask, spirals
 
 
@@ -32,6 +32,10 @@ RESUME_CASES = {
     # LSTM on a quadratic family, with evaluation and keep-best, weight decay through AdamW
     'lstm-quadratic-eval': (MetaConfig(net='lstm', net_config={'hidden': 6}, task='quadratic_family', task_config={'dims': [4, 6]},
                                        meta_steps=7, unroll=2, trajectory=5, eval_every=2, weight_decay=0.01, seed=5), None),
+    # learned step size, log_mean objective, cosine meta-lr, evaluation on 2 instances' training loss
+    'stepsize-cosine-log-mean': (MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 5}, meta_steps=7, unroll=2, trajectory=5,
+                                            objective='log_mean', lr=0.05, lr_schedule='cosine', eval_every=2, eval_instances=2,
+                                            eval_split='train', seed=4), None),
 }
 
 
@@ -171,13 +175,63 @@ def test_train_by_validation_uses_the_held_out_split():
         MetaTrainer(MetaConfig(net='stepsize', task='quadratic', meta_split='valid'), progress=False)
 
 
+def test_log_mean_weighs_relative_improvement_equally_along_the_unroll():
+    losses = [torch.tensor(2.4), torch.tensor(1.2), torch.tensor(0.3)]
+    assert math.isclose(meta_loss(losses, 'log_mean').item(), sum(math.log(l.item()) for l in losses) / 3, rel_tol=1e-6)
+    assert math.isclose(meta_loss(losses, 'log_mean', offset=0.1).item(), sum(math.log(l.item() - 0.1) for l in losses) / 3, rel_tol=1e-6)
+    # d log_mean / d loss_t = 1 / (T loss_t): the late, small loss gets 8 times the weight of the early one (sum: equal weights)
+    ls = [l.clone().requires_grad_() for l in losses]
+    g = torch.autograd.grad(meta_loss(ls, 'log_mean'), ls)
+    assert math.isclose(g[2].item() / g[0].item(), 8.0, rel_tol=1e-5)
+    # through the trainer on a quadratic with a linear term: the offset is the optimum, so the logs stay finite and training lowers it
+    task = QuadraticTask(dim=10, condition=10.0, seed=2)
+    config = MetaConfig(net='stepsize', net_config={'lr': 0.01}, task='quadratic', meta_steps=30, unroll=20, trajectory=20,
+                        objective='log_mean', lr=0.1, seed=0)
+    tr = MetaTrainer(config, task=task, progress=False)
+    assert tr._new_trajectories()[0].offset == task.optimum
+    tr.train()
+    losses = [r['meta_loss'] for r in tr.history]
+    assert all(math.isfinite(l) for l in losses) and sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_evaluation_on_several_instances_and_a_chosen_split():
+    task = LeastSquaresTask(dim=8, n_train=40, n_valid=20, n_test=20, seed=0)
+    base = dict(net='stepsize', net_config={'lr': 0.05}, task='least_squares', meta_steps=4, unroll=2, trajectory=4, eval_every=2, seed=7)
+    default = MetaTrainer(MetaConfig(**base), task=task, progress=False)
+    assert default.evaluate() == evaluate_net(default.net, task, 4, 8)           # unchanged: instance seed+1, the task's default split
+    several = MetaTrainer(MetaConfig(**base, eval_instances=3, eval_split='train'), task=task, progress=False)
+    runs = [evaluate_net(several.net, task, 4, s, 'train') for s in (8, 9, 10)]
+    got = several.evaluate()
+    assert math.isclose(got['eval_loss'], sum(r['eval_loss'] for r in runs) / 3, rel_tol=1e-12)
+    assert got['eval_loss'] != default.evaluate()['eval_loss']                  # another split, other instances
+    several.train()                                                             # keep-best by the new score
+    evals = [r['eval_loss'] for r in several.history if 'eval_loss' in r]
+    assert len(evals) == 2 and several.best == min(evals)
+
+
+def test_cosine_meta_lr_schedule():
+    config = MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 4}, meta_steps=4, unroll=2, trajectory=4, lr=0.1, lr_schedule='cosine')
+    tr = MetaTrainer(config, progress=False)
+    used = []
+    for _ in range(4):
+        used.append(tr.meta_lr()); tr.meta_step()
+        assert tr.meta_opt.param_groups[0]['lr'] == used[-1]
+    assert [round(v, 6) for v in used] == [round(0.1 * (1 + math.cos(math.pi * k / 4)) / 2, 6) for k in range(4)]
+    assert tr.meta_lr() == 0.0
+    constant = MetaTrainer(MetaConfig(**{**config.to_dict(), 'lr_schedule': 'constant'}), progress=False)
+    constant.meta_step(); constant.meta_step()
+    assert constant.meta_lr() == 0.1 and constant.meta_opt.param_groups[0]['lr'] == 0.1
+
+
 def test_config_round_trip_and_errors():
     config = MetaConfig(net='mlp', net_config={'hidden': 16}, task='mlp_family', task_config={'widths': [10, 20]}, clip_grad=None)
     assert MetaConfig.from_json(config.to_json()) == config
     assert MetaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     for bad, message in [({'net': 'rnn'}, "unknown net 'rnn'"), ({'task': 'cifar'}, "unknown task 'cifar'"),
                          ({'objective': 'max'}, "unknown objective 'max'"), ({'trajectory': 0}, 'trajectory must be an integer >= 1'),
-                         ({'meta_split': 'dev'}, "meta_split must be"), ({'lr': -1.0}, 'lr must be > 0')]:
+                         ({'meta_split': 'dev'}, "meta_split must be"), ({'lr': -1.0}, 'lr must be > 0'),
+                         ({'eval_instances': 0}, 'eval_instances must be an integer >= 1'), ({'eval_split': 'dev'}, 'eval_split must be'),
+                         ({'lr_schedule': 'step'}, 'lr_schedule must be')]:
         with pytest.raises(ValueError, match=message):
             MetaConfig(**bad)
     with pytest.raises(ValueError, match=r"unknown MetaConfig keys \['epochs'\]"):
