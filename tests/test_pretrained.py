@@ -126,7 +126,7 @@ def test_net_file_round_trip_and_errors(tmp_path):
 
 @pytest.fixture(scope='module')
 def comparison(run_notebook):
-    "The notebook's in-distribution comparison with its small defaults (2 seeds, 7-point grids)"
+    "The notebook's in-distribution comparison with its defaults (5 seeds, 7-point grids)"
     return run_notebook(NBS / '04_pretrained.ipynb')[1]
 
 
@@ -143,7 +143,7 @@ def test_lstm_beats_tuned_sgd_at_step_100(comparison):
 
 
 def test_lstm_wins_on_its_meta_objective(comparison):
-    "The mean loss over the 100 steps (what the sum meta-objective measures): below tuned SGD and tuned Adam"
+    "The mean loss over the 100 steps (what meta-training rewards, early speed): below tuned SGD and tuned Adam"
     lstm = comparison['learned']['lstm-mnist']['mean_loss']
     for name, b in comparison['baselines'].items(): assert lstm < b['mean_loss'], (name, lstm, b['mean_loss'])
 
@@ -154,8 +154,7 @@ def test_learned_mlp_and_nominal_beat_tuned_adam_at_step_100(comparison):
         assert comparison['learned'][name]['final'] < adam, (name, comparison['learned'][name]['final'], adam)
 
 
-@pytest.mark.xfail(strict=True, reason="not reproduced with ~20 min of CPU meta-training: lstm-mnist 0.268 vs tuned Adam 0.234 "
-                                       "(5 seeds, training loss after 100 steps); see nbs/04_pretrained.ipynb")
 def test_paper_claim_lstm_beats_tuned_adam_at_step_100(comparison):
+    "Andrychowicz et al.'s result on seeds 100-104, which did not pick the net but do pick Adam's lr; the margin is small (see the notebook)"
     lstm, adam = comparison['learned']['lstm-mnist']['final'], comparison['baselines']['Adam']['final']
     assert lstm < adam, f"lstm-mnist {lstm:.4f} is not below tuned Adam {adam:.4f}"
