@@ -127,16 +127,17 @@ class LSTMNet(LearnedNet):
                 for s, piece in zip(new_states, t.split(sizes, 1)): s[k] = piece
         return unflatten(new, params), new_states
 
-# %% ../nbs/01_learned.ipynb #122d4b5b
+# %% ../nbs/01_learned.ipynb #686cfa6c
 def segment_rms_normalize(x: Tensor, sizes: tuple, eps: float = 1e-30, inplace: bool = False) -> Tensor:
     "Divide each row of `x` [F, N] by its root mean square over each run of columns of lengths `sizes`"
+    runs = x.split(sizes, 1)
     # a norm reduces in one pass without a tensor of squares
-    scales = [torch.rsqrt(torch.linalg.vector_norm(c, dim=1, keepdim=True).square() / c.shape[1] + eps) for c in x.split(sizes, 1)]
+    scales = [torch.rsqrt(torch.linalg.vector_norm(c, dim=1, keepdim=True).square() / c.shape[1] + eps) for c in runs]
     if inplace:
-        for c, s in zip(x.split(sizes, 1), scales): c.mul_(s)
+        for c, s in zip(runs, scales): c.mul_(s)
         return x
-    runs = [c * s for c, s in zip(x.split(sizes, 1), scales)]
-    return runs[0] if len(runs) == 1 else torch.cat(runs, 1)
+    scaled = [c * s for c, s in zip(runs, scales)]
+    return scaled[0] if len(scaled) == 1 else torch.cat(scaled, 1)
 
 # %% ../nbs/01_learned.ipynb #b6218a2b
 def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: list[dict], beta2: float, eps: float):
