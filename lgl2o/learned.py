@@ -153,7 +153,7 @@ def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: lis
         new.append({'row': row, 'col': col})
     return vf, new
 
-# %% ../nbs/01_learned.ipynb #9624568e
+# %% ../nbs/01_learned.ipynb #03ac241d
 # Coordinates per block of the MLP: a block's [hidden, MLP_CHUNK] activations stay in a core's L2 cache
 # between layers; a whole [32, 16k] activation does not, and the MNIST step took 40% longer that way.
 MLP_CHUNK = 4096
@@ -221,13 +221,12 @@ class MLPNet(LearnedNet):
         w, b, nf = self.input.weight, self.input.bias, self.n_features
         if len(self.timescales): b = torch.addmv(b, w[:, nf:], torch.tanh(self.timescales.reciprocal() * float(step)))
         # every view and bias column is taken once per call, not once per block: at ~5 us an op they add up
-        first = (w[:, :nf], b[:, None])
-        layers = [first] + [(l.weight, l.bias[:, None]) for l in self.body if isinstance(l, nn.Linear)]   # each followed by a ReLU
-        last = (self.output.weight, self.output.bias[:, None])
+        hidden = [(w[:, :nf], b[:, None])] + [(l.weight, l.bias[:, None]) for l in self.body if isinstance(l, nn.Linear)]
+        out_weight, out_bias = self.output.weight, self.output.bias[:, None]
         outs = []
         for h in x.split(MLP_CHUNK, 1):
-            for weight, bias in layers: h = torch.addmm(bias, weight, h).relu_()
-            outs.append(torch.addmm(last[1], last[0], h))
+            for weight, bias in hidden: h = torch.addmm(bias, weight, h).relu_()   # every hidden layer is followed by a ReLU
+            outs.append(torch.addmm(out_bias, out_weight, h))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def update(self, params, grads, states, step):
