@@ -299,23 +299,29 @@ def plot_choices(steps: pd.DataFrame, path: Path | None = None, window: int = 10
     if path: g.savefig(path, dpi=110)
     return g
 
-# %% ../nbs/05_bench.ipynb #76470062
-def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: int = 10, seed: int = 0) -> pd.DataFrame:
-    "Median CPU and wall time per step (ms) of Adam, each net alone, LGL2O and GL2O over it, on `task`"
+# %% ../nbs/05_bench.ipynb #13221b61
+def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: int = 10, seed: int = 0,
+               block: int = 10) -> pd.DataFrame:
+    "Median CPU and wall time per step (ms) of Adam, each net alone, LGL2O and GL2O over it, on `task`, taking turns in blocks of steps"
+    if block < 2: raise ValueError(f"block must be >= 2 (its first step is not timed), got {block}")
     task = task or mnist_mlp()
     lrs = {'sgd': 0.1, 'adam': 1e-3}
     plan = [Contender('adam')] + [Contender(k, n, None if k == 'learned' else 'sgd') for n in nets for k in ('learned', 'lgl2o', 'gl2o')]
     times = {c.name: ([], []) for c in plan}
     models = {c.name: task.init(seed) for c in plan}
     opts = {c.name: build_optimizer(c, list(models[c.name].parameters()), lrs, nets, record=False) for c in plan}
-    batches = task.batches(seed)
-    for i in range(warmup + steps):
-        batch = next(batches)
-        for c in plan:  # interleaved, so that machine load affects every contender alike
-            wall, cpu = time.perf_counter(), time.process_time()
-            opts[c.name].step(task.closure(models[c.name], batch, None if c.guarded else opts[c.name]))
-            if i >= warmup:
-                times[c.name][0].append(time.process_time() - cpu); times[c.name][1].append(time.perf_counter() - wall)
+    batches = {c.name: task.batches(seed) for c in plan}   # every contender sees the same minibatches
+    taken = dict.fromkeys(times, 0)
+    while any(len(cpu) < steps for cpu, _ in times.values()):
+        for c in plan:
+            cpu_times, wall_times = times[c.name]
+            for j in range(block):
+                batch = next(batches[c.name])
+                wall, cpu = time.perf_counter(), time.process_time()
+                opts[c.name].step(task.closure(models[c.name], batch, None if c.guarded else opts[c.name]))
+                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                taken[c.name] += 1
+                if j > 0 and taken[c.name] > warmup and len(cpu_times) < steps: cpu_times.append(cpu); wall_times.append(wall)
     return pd.DataFrame([{'optimizer': k, 'cpu_ms_per_step': 1000 * float(np.median(c)), 'wall_ms_per_step': 1000 * float(np.median(w))}
                          for k, (c, w) in times.items()])
 
