@@ -299,7 +299,7 @@ def plot_choices(steps: pd.DataFrame, path: Path | None = None, window: int = 10
     if path: g.savefig(path, dpi=110)
     return g
 
-# %% ../nbs/05_bench.ipynb #13221b61
+# %% ../nbs/05_bench.ipynb #2fb9e925
 def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: int = 10, seed: int = 0,
                block: int = 10) -> pd.DataFrame:
     "Median CPU and wall time per step (ms) of Adam, each net alone, LGL2O and GL2O over it, on `task`, taking turns in blocks of steps"
@@ -311,7 +311,7 @@ def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: in
     models = {c.name: task.init(seed) for c in plan}
     opts = {c.name: build_optimizer(c, list(models[c.name].parameters()), lrs, nets, record=False) for c in plan}
     batches = {c.name: task.batches(seed) for c in plan}   # every contender sees the same minibatches
-    taken = dict.fromkeys(times, 0)
+    rotation = 0
     while any(len(cpu) < steps for cpu, _ in times.values()):
         for c in plan:
             cpu_times, wall_times = times[c.name]
@@ -320,8 +320,8 @@ def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: in
                 wall, cpu = time.perf_counter(), time.process_time()
                 opts[c.name].step(task.closure(models[c.name], batch, None if c.guarded else opts[c.name]))
                 cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-                taken[c.name] += 1
-                if j > 0 and taken[c.name] > warmup and len(cpu_times) < steps: cpu_times.append(cpu); wall_times.append(wall)
+                if j > 0 and rotation * block + j >= warmup and len(cpu_times) < steps: cpu_times.append(cpu); wall_times.append(wall)
+        rotation += 1
     return pd.DataFrame([{'optimizer': k, 'cpu_ms_per_step': 1000 * float(np.median(c)), 'wall_ms_per_step': 1000 * float(np.median(w))}
                          for k, (c, w) in times.items()])
 

@@ -153,7 +153,7 @@ def factored_second_moments(params: list[Tensor], g2s: list[Tensor], states: lis
         new.append({'row': row, 'col': col})
     return vf, new
 
-# %% ../nbs/01_learned.ipynb #03ac241d
+# %% ../nbs/01_learned.ipynb #9f23a377
 # Coordinates per block of the MLP: a block's [hidden, MLP_CHUNK] activations stay in a core's L2 cache
 # between layers; a whole [32, 16k] activation does not, and the MNIST step took 40% longer that way.
 MLP_CHUNK = 4096
@@ -220,7 +220,7 @@ class MLPNet(LearnedNet):
         "The per-coordinate MLP on features `x` [F, N], outputs as rows [n_outputs, N]; the step embedding is a bias of the first layer"
         w, b, nf = self.input.weight, self.input.bias, self.n_features
         if len(self.timescales): b = torch.addmv(b, w[:, nf:], torch.tanh(self.timescales.reciprocal() * float(step)))
-        # every view and bias column is taken once per call, not once per block: at ~5 us an op they add up
+        # every view and bias column is taken once per call, not once per block: each op has a fixed cost
         hidden = [(w[:, :nf], b[:, None])] + [(l.weight, l.bias[:, None]) for l in self.body if isinstance(l, nn.Linear)]
         out_weight, out_bias = self.output.weight, self.output.bias[:, None]
         outs = []

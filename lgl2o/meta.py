@@ -55,7 +55,7 @@ class BatchStream:
         batch = next(self._batches)
         return batch if self.device is None else to_device(batch, self.device)
 
-# %% ../nbs/03_meta.ipynb #0c40a73a
+# %% ../nbs/03_meta.ipynb #83fea3b4
 OBJECTIVES = ('sum', 'mean', 'final', 'log_final', 'log_mean')
 
 def meta_loss(losses: list[Tensor],      # losses after each update, l(theta_1) .. l(theta_T)
@@ -158,7 +158,7 @@ def make_task(name: str, **config) -> Task | TaskFamily:
     try: return TASKS[name](**config)
     except TypeError as e: raise ValueError(f"bad task_config for {name!r}: {e}") from None
 
-# %% ../nbs/03_meta.ipynb #ae0a168c
+# %% ../nbs/03_meta.ipynb #45bae50e
 @dataclass
 class MetaConfig:
     "Every setting of a meta-training run; `to_dict`/`from_dict` round-trip through JSON"
@@ -266,7 +266,7 @@ def load_checkpoint(path) -> tuple[LearnedNet, dict]:
     info['metrics'] = history[-1] if history else None   # the last metrics record
     return net, info
 
-# %% ../nbs/03_meta.ipynb #e812dd9e
+# %% ../nbs/03_meta.ipynb #9821c281
 def run_net(net: LearnedNet, task: Task, steps: int, seed: int = 0) -> tuple[dict, list[float]]:
     "Train `task.params(seed)` with `net` for `steps` steps (no meta-gradient); final parameters and training losses"
     params = task.params(seed)
@@ -330,7 +330,7 @@ def _task_on(task: Task, device: torch.device) -> Task:
         elif isinstance(v, (Tensor, dict, list, tuple)): setattr(moved, k, to_device(v, device))
     return moved
 
-# %% ../nbs/03_meta.ipynb #74fe0d91
+# %% ../nbs/03_meta.ipynb #3e65b313
 class MetaTrainer:
     "Meta-trains a learned optimizer by truncated backpropagation through unrolls; resumable, and distributed under torchrun"
     def __init__(self,
@@ -448,7 +448,7 @@ class MetaTrainer:
         cfg = self.config
         net = self.net if self.device.type == 'cpu' else copy.deepcopy(self.net).cpu()
         runs = [evaluate_net(net, self._sample(s), cfg.trajectory, s, cfg.eval_split) for s in range(cfg.seed + 1, cfg.seed + 1 + cfg.eval_instances)]
-        return runs[0] if len(runs) == 1 else {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
 
     def _log(self, record: dict) -> dict:
         self.history.append(record)
