@@ -351,6 +351,12 @@ def check_placement(params: list[Tensor], net: LearnedNet):
     "Raise if a parameter's dtype or device differs from the net's: name both and the fix"
     dtype, device = _net_placement(net)
     for i, p in enumerate(params):
+        if p.is_complex():
+            raise TypeError(f"parameter {i} is {p.dtype}: learned optimizers update real tensors; hold it as a real tensor with a "
+                            "last dimension of 2 and call torch.view_as_complex on it in the forward")
+        if p.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"parameter {i} is {p.dtype}: learned optimizers run in float32 or float64; keep the parameters "
+                            "in float32 and compute in low precision with torch.autocast")
         if dtype is not None and p.dtype != dtype:
             raise TypeError(f"parameter {i} is {p.dtype} but the learned optimizer's net is {dtype}; "
                             f"call net.to({p.dtype}) before building the optimizer (or make the model {dtype})")
@@ -359,8 +365,9 @@ def check_placement(params: list[Tensor], net: LearnedNet):
                              f"call net.to('{p.device}') (move the model and the net together)")
 
 def nonfinite_tensors(tensors: list[Tensor]) -> list[int]:
-    "Indices of the tensors that hold a NaN or an infinity"
+    "Indices of the tensors that hold a NaN or an infinity (of a sparse tensor: its stored values)"
     if not tensors: return []
+    tensors = [t._values() if t.is_sparse else t for t in tensors]
     def stacked(norms): return torch.stack([n.to(tensors[0].device) for n in norms])
     # A finite sum of 2-norms proves every entry finite, and it is the fastest check on CPU: the common
     # case costs one synchronisation. An infinite sum may be an overflow of huge finite entries, so the
@@ -372,7 +379,9 @@ def nonfinite_tensors(tensors: list[Tensor]) -> list[int]:
 def check_step_inputs(params: list[Tensor], net: LearnedNet):
     "Raise if a step cannot be taken as asked: misplaced parameters, sparse or non-finite gradients"
     check_placement(params, net)
-    if any(p.grad.is_sparse for p in params): raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+    sparse = [i for i, p in enumerate(params) if p.grad.is_sparse]
+    if sparse: raise RuntimeError(f"LearnedOptimizer does not support sparse gradients (parameter {sparse[0]}, shape "
+                                  f"{tuple(params[sparse[0]].shape)}): build the embedding with sparse=False")
     bad = nonfinite_tensors([p.grad for p in params])
     if bad:
         raise FloatingPointError(f"the gradient of parameter {bad[0]} (shape {tuple(params[bad[0]].shape)}) has NaN or inf entries "
@@ -394,6 +403,7 @@ def denormals_flushed():
 # %% ../nbs/01_learned.ipynb #fb963a1f
 class LearnedOptimizer(torch.optim.Optimizer):
     "A learned update rule (`LearnedNet`) as a `torch.optim.Optimizer`; the net is not in its `state_dict`"
+    replaces_states = True   # `step` swaps in new state tensors and never writes into old ones: a snapshot needs no copies
     def __init__(self,
                  params,                # iterable of parameters or of parameter-group dicts
                  net: LearnedNet,       # the learned update rule
