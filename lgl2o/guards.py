@@ -13,7 +13,7 @@ from collections import deque
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -349,14 +349,14 @@ class Guard(Optimizer):
         self.evaluations['backward'] += 1
 
     def _distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size(self.process_group) > 1
 
     def _loss_values(self, *losses: Tensor) -> list[float]:
         "The losses as numbers, averaged over the processes of a distributed run (so that every process decides alike)"
         values = torch.stack([l.detach().reshape(()).double() for l in losses])
         if self._distributed():
-            dist.all_reduce(values, group=self.process_group)
-            values /= dist.get_world_size(self.process_group)
+            torch.distributed.all_reduce(values, group=self.process_group)
+            values /= torch.distributed.get_world_size(self.process_group)
         return values.tolist()
 
     def _fail(self, what: str):
