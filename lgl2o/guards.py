@@ -155,19 +155,25 @@ def restore_states(opt: Optimizer, snapshot: dict):
 
 # %% ../nbs/02_guards.ipynb #5b0aca2a
 class ModuleBuffers:
-    "The buffers (BatchNorm statistics, ...) of every module that ran a forward while recording, as they were before"
-    def __init__(self): self.saved = {}
+    "The buffers (BatchNorm statistics, ...) of every module called while recording, and of its submodules, as they were before"
+    def __init__(self): self.saved, self.ddp_sync = {}, {}
 
     def note(self, module: nn.Module):
-        if module._buffers and id(module) not in self.saved:
-            self.saved[id(module)] = (module, {k: b.clone() for k, b in module._buffers.items() if b is not None})
+        "Save the buffers of `module` and its submodules not saved yet (a wrapper such as DDP may write into them before they run)"
+        if id(module) in self.saved: return
+        for m in module.modules():
+            if id(m) in self.saved: continue
+            self.saved[id(m)] = (m, {k: b.clone() for k, b in m._buffers.items() if b is not None})
+            # DDP broadcasts buffers at a forward only if the previous forward had a graph: an evaluation must not change that
+            if hasattr(m, 'require_forward_param_sync'): self.ddp_sync[id(m)] = (m, m.require_forward_param_sync)
 
     @torch.no_grad()
     def restore(self):
-        "Write the saved values back, in place (so DDP and anyone holding a buffer sees them)"
+        "Write the saved values back, in place (so anyone holding a buffer sees them)"
         for module, buffers in self.saved.values():
             for k, v in buffers.items(): module._buffers[k].copy_(v)
-        self.saved = {}
+        for module, flag in self.ddp_sync.values(): module.require_forward_param_sync = flag
+        self.saved, self.ddp_sync = {}, {}
 
 @contextlib.contextmanager
 def recording_buffers(recorders: list[ModuleBuffers]):
