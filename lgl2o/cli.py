@@ -113,7 +113,8 @@ def train_parser() -> argparse.ArgumentParser:
                 description="Meta-train a learned optimizer (lgl2o.meta.MetaTrainer). Writes OUT/config.json, OUT/metrics.jsonl "
                             "(one JSON record per meta-step and per evaluation), OUT/checkpoint.pt (resumable), OUT/best.pt "
                             "(with --eval-every and --keep-best) and OUT/net.pt (the trained net alone: the best one if kept, "
-                            "else the last; load it with lgl2o.pretrained.load_net).",
+                            "else the last). Load the trained net in Python with lgl2o.load_pretrained(OUT), ready for "
+                            "lgl2o.LearnedOptimizer(model.parameters(), net).",
                 epilog="Example: lgl2o-train --config lgl2o/pretrained/lstm-mnist.json --out runs/lstm-mnist. "
                        "Bad input exits with status 2 and one line on stderr.")
     p.add_argument('--out', required=True, metavar='DIR', help="folder for the run's files (created if missing; must not hold another run unless --resume)")
@@ -243,7 +244,7 @@ def train_main(argv: list[str] | None = None) -> int:
     _say(args.quiet, f"checkpoint:  {out / 'checkpoint.pt'}  (continue: lgl2o-train --out {shlex.quote(str(out))} --resume [--meta-steps N])",
          f"metrics log: {out / 'metrics.jsonl'}", f"config:      {out / 'config.json'}",
          *([f"best net:    {out / 'best.pt'}"] if (out / 'best.pt').exists() else []),
-         f"final net:   {path}  ({which}; load with lgl2o.pretrained.load_net)")
+         f"final net:   {path}  ({which})", f"in Python:   net = lgl2o.load_pretrained({str(out)!r})")
     return 0
 
 # %% ../nbs/06_cli.ipynb #ec03130a

@@ -74,6 +74,22 @@ def test_real_run_then_resume(tmp_path):
     assert [r['step'] for r in records if 'meta_loss' in r] == list(range(1, 8))
 
 
+def test_help_and_final_message_point_to_the_one_call(tmp_path):
+    "--help and the last line of a run name lgl2o.load_pretrained, and the call printed at the end loads the run's net"
+    text = ' '.join(train_parser().format_help().split())
+    assert 'lgl2o.load_pretrained(OUT)' in text and 'load_net' not in text
+    out = tmp_path / 'my run'
+    code, stdout, err = inproc('--out', out, *[a for a in TINY if a != '--quiet'])
+    assert code == 0, err
+    last = stdout.strip().splitlines()[-1]
+    assert 'load_net' not in stdout and 'lgl2o.load_pretrained(' in last
+    call = last[last.index('lgl2o.load_pretrained('):]
+    import lgl2o
+    net = eval(call, {'lgl2o': lgl2o})
+    assert isinstance(net, lgl2o.LearnedNet) and net.config['hidden'] == 4
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), load_net(out / 'net.pt')[0].state_dict().values()))
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     "A run stopped at 2 meta-steps and resumed to 4 ends with the same net as a straight 4-step run"
     assert train_main(['--out', str(tmp_path / 'a'), *TINY]) == 0
