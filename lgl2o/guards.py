@@ -156,31 +156,30 @@ def restore_states(opt: Optimizer, snapshot: dict):
 # %% ../nbs/02_guards.ipynb #5b0aca2a
 class ModuleBuffers:
     "The buffers (BatchNorm statistics, ...) of every module called while recording, and of its submodules, as they were before"
-    def __init__(self): self.saved, self.ddp_sync = {}, {}
+    def __init__(self): self.seen, self.saved, self.ddp_sync = set(), [], []
 
     def note(self, module: nn.Module):
         "Save the buffers of `module` and its submodules not saved yet (a wrapper such as DDP may write into them before they run)"
-        if id(module) in self.saved: return
+        if id(module) in self.seen: return
         for m in module.modules():
-            if id(m) in self.saved: continue
-            self.saved[id(m)] = (m, {k: b.clone() for k, b in m._buffers.items() if b is not None})
+            if id(m) in self.seen: continue
+            self.seen.add(id(m))
+            if m._buffers: self.saved.append((m, {k: b.clone() for k, b in m._buffers.items() if b is not None}))
             # DDP broadcasts buffers at a forward only if the previous forward had a graph: an evaluation must not change that
-            if hasattr(m, 'require_forward_param_sync'): self.ddp_sync[id(m)] = (m, m.require_forward_param_sync)
+            if 'require_forward_param_sync' in m.__dict__: self.ddp_sync.append((m, m.require_forward_param_sync))
 
     @torch.no_grad()
     def restore(self):
         "Write the saved values back, in place (so anyone holding a buffer sees them)"
-        for module, buffers in self.saved.values():
+        for module, buffers in self.saved:
             for k, v in buffers.items(): module._buffers[k].copy_(v)
-        for module, flag in self.ddp_sync.values(): module.require_forward_param_sync = flag
-        self.saved, self.ddp_sync = {}, {}
+        for module, flag in self.ddp_sync: module.require_forward_param_sync = flag
+        self.seen, self.saved, self.ddp_sync = set(), [], []
 
 @contextlib.contextmanager
-def recording_buffers(recorders: list[ModuleBuffers]):
-    "While inside, every module's first forward saves its buffers into each recorder of the (mutable) list"
-    def note(module, args):
-        for r in recorders: r.note(module)
-    handle = nn.modules.module.register_module_forward_pre_hook(note)
+def recording_buffers(recorder: ModuleBuffers):
+    "Inside, every module's first forward saves its buffers (and its submodules') into `recorder`"
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: recorder.note(module))
     try: yield
     finally: handle.remove()
 
@@ -203,13 +202,11 @@ class PairedForwards:
         "The closure's loss at the current parameters; undoes the previous forward's buffer changes unless it was kept"
         self.discard()
         set_random_state(self.start)
-        self.last = ModuleBuffers()
-        self.guard._recorders.append(self.last)
-        try: return self.guard._forward(closure, grad)
-        finally: self.guard._recorders.remove(self.last)
+        loss, self.last = self.guard._forward(closure, grad)
+        return loss
 
     def discard(self):
-        if self.last is not None: self.last.restore()
+        if self.last is not None: self.last.restore()   # a no-op in a rollback later: restore() empties it
         self.last = None
 
     def keep(self):
@@ -245,7 +242,7 @@ class Guard(Optimizer):
         self.evaluations = {'forward': 0, 'backward': 0}  # closure calls and backward passes, all calls together
         self.last_choice, self.steps, self.history = None, 0, []
         self._pending, self._provisional, self._versions = False, None, None
-        self._buf, self._recorders, self._txn = CandidateBuffers(), [], None
+        self._buf, self._txn = CandidateBuffers(), None
 
     @property
     def param_groups(self):
@@ -289,15 +286,12 @@ class Guard(Optimizer):
         "Run one call all or nothing: on any exception put everything it changed back, then re-raise"
         params = self._params
         txn = self._txn = dict(scalars=self._scalars(), points=dict(self._buf.points), grads=[p.grad for p in params],
-                               rng=random_state(self._devices), buffers=ModuleBuffers(), states={}, entry=None)
-        self._recorders.append(txn['buffers'])
-        try:
-            with recording_buffers(self._recorders): yield
+                               rng=random_state(self._devices), buffers=[], states={}, entry=None)
+        try: yield
         except BaseException:
             self._rollback(txn, params)
             raise
         finally:
-            self._recorders.clear()
             self._buf.protected, self._txn = set(), None
             for transient in ('entry', 'theta'): self._buf.points.pop(transient, None)
 
@@ -307,7 +301,7 @@ class Guard(Optimizer):
         if txn['entry'] is not None: txn['entry'].load()
         self._buf.points, self._buf.holding = txn['points'], None
         for p, g in zip(params, txn['grads']): p.grad = g
-        txn['buffers'].restore()
+        for recorder in reversed(txn['buffers']): recorder.restore()   # the earliest saved values are written last
         set_random_state(txn['rng'])
         for k, v in txn['scalars'].items(): setattr(self, k, v)
 
@@ -327,12 +321,13 @@ class Guard(Optimizer):
                                "guard.step(closure) without the scaler and use torch.autocast(dtype=torch.bfloat16), which needs none")
 
     # evaluations, counted -------------------------------------------------------------------------
-    def _forward(self, closure: Callable, grad: bool) -> Tensor:
-        "The closure's loss at the current parameters (with a graph iff `grad`)"
-        params = self._params
+    def _forward(self, closure: Callable, grad: bool) -> tuple[Tensor, ModuleBuffers]:
+        "The closure's loss at the current parameters (with a graph iff `grad`), and the module buffers as they were before"
+        params, buffers = self._params, ModuleBuffers()
         grads = [p.grad for p in params]
+        self._txn['buffers'].append(buffers)
         torch.clear_autocast_cache()   # autocast caches low-precision copies of parameters, which a guard changes in place
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), recording_buffers(buffers):
             try: loss = closure()
             except RuntimeError as e:
                 if not grad and 'does not require grad' in str(e): raise ValueError(_BACKWARD_INSIDE) from None
@@ -345,7 +340,7 @@ class Guard(Optimizer):
         if grad and not loss.requires_grad:
             raise ValueError("the closure's loss has no graph: return it without detach() or torch.no_grad() inside, "
                              "and leave requires_grad on for at least one parameter")
-        return loss
+        return loss, buffers
 
     def _backward(self, loss: Tensor):
         "The gradient of `loss` in `p.grad` of every parameter it depends on; None elsewhere, as after zero_grad() and backward()"
@@ -422,7 +417,7 @@ class Guard(Optimizer):
 
     def _gradient_here(self, closure: Callable) -> Tensor:
         "Loss and gradient at the current parameters; raise if the loss is not finite"
-        loss = self._forward(closure, grad=True)
+        loss, _ = self._forward(closure, grad=True)
         value = self._loss_values(loss)[0]
         if not math.isfinite(value): self._fail(f"the loss at the current parameters is {value}")
         self._backward(loss)
