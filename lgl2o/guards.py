@@ -160,13 +160,15 @@ class ModuleBuffers:
 
     def note(self, module: nn.Module):
         "Save the buffers of `module` and its submodules not saved yet (a wrapper such as DDP may write into them before they run)"
-        if id(module) in self.seen: return
-        for m in module.modules():
+        stack = [module]   # a walk of the submodules without module.modules()' names: this runs at every module call
+        while stack:
+            m = stack.pop()
             if id(m) in self.seen: continue
             self.seen.add(id(m))
             if m._buffers: self.saved.append((m, {k: b.clone() for k, b in m._buffers.items() if b is not None}))
             # DDP broadcasts buffers at a forward only if the previous forward had a graph: an evaluation must not change that
             if 'require_forward_param_sync' in m.__dict__: self.ddp_sync.append((m, m.require_forward_param_sync))
+            stack.extend(c for c in m._modules.values() if c is not None)
 
     @torch.no_grad()
     def restore(self):
@@ -354,11 +356,10 @@ class Guard(Optimizer):
 
     def _loss_values(self, *losses: Tensor) -> list[float]:
         "The losses as numbers, averaged over the processes of a distributed run (so that every process decides alike)"
+        if not self._distributed(): return [l.item() for l in losses]
         values = torch.stack([l.detach().reshape(()).double() for l in losses])
-        if self._distributed():
-            torch.distributed.all_reduce(values, group=self.process_group)
-            values /= torch.distributed.get_world_size(self.process_group)
-        return values.tolist()
+        torch.distributed.all_reduce(values, group=self.process_group)
+        return (values / torch.distributed.get_world_size(self.process_group)).tolist()
 
     def _fail(self, what: str):
         raise FloatingPointError(f"{type(self).__name__}: {what}; the parameters, both optimizers' states and the guard are left as they were. "
@@ -428,7 +429,7 @@ class Guard(Optimizer):
         buf, states = self._buf, self._txn['states']
         theta = buf[buf.holding] if buf.holding is not None and buf[buf.holding].holds(trainable) else buf.save('theta', trainable)
         for name, opt in (('fallback', self.fallback), ('learned', self.learned)):  # the fallback first: a learned optimizer that writes into p.grad cannot corrupt its step
-            theta.load()
+            if name == 'learned': theta.load()   # the parameters hold theta before the fallback's step
             states[name] = snapshot_states(opt)
             opt.step()
             buf.save(name, trainable, check_finite=True)
