@@ -9,9 +9,11 @@ import contextlib
 import copy
 import inspect
 import math
+import random
 from collections import deque
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed
 from torch import Tensor, nn
@@ -23,9 +25,10 @@ from .tasks import QuadraticTask, seeded
 # %% auto #0
 __all__ = ['CHOICES', 'COMPARE_RULES', 'MU_SCHEMES', 'QUADRATIC_METHODS', 'ADVERSARIES', 'check_same_params',
            'check_one_gradient_per_step', 'check_unsharded', 'all_finite', 'grad_norm', 'SavedPoint',
-           'CandidateBuffers', 'snapshot_states', 'restore_states', 'ModuleBuffers', 'recording_buffers',
-           'random_state', 'set_random_state', 'PairedForwards', 'Guard', 'LossGuard', 'NaNProposer', 'GradientGuard',
-           'theorem1_lr', 'float64_quadratic', 'untrained_lstm', 'quadratic_run']
+           'CandidateBuffers', 'snapshot_optimizer', 'restore_optimizer', 'ModuleBuffers', 'recording_buffers',
+           'random_state', 'set_random_state', 'PairedForwards', 'Guard', 'LossGuard', 'NaNProposer', 'graph_leaves',
+           'backward_to_other_leaves', 'GradientGuard', 'theorem1_lr', 'float64_quadratic', 'untrained_lstm',
+           'quadratic_run']
 
 # %% ../nbs/02_guards.ipynb #3e2cd290
 CHOICES = ('learned', 'fallback')    # the two components, as `last_choice` and `counts` name them
@@ -143,15 +146,22 @@ class CandidateBuffers:
         return not all(torch.equal(p, s) for p, s in zip(point.params, point.views))
 
 # %% ../nbs/02_guards.ipynb #95ac8bab
-def snapshot_states(opt: Optimizer) -> dict:
-    "A copy of `opt.state` that its next `step` cannot change (no tensor copies for optimizers that replace their state tensors)"
-    if getattr(opt, 'replaces_states', False): return {p: dict(s) for p, s in opt.state.items()}
-    return {p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()} for p, s in opt.state.items()}
+def _copied(v):
+    if isinstance(v, Tensor): return v.clone()
+    return v if isinstance(v, (int, float, bool, str, tuple, type(None))) else copy.deepcopy(v)
 
-def restore_states(opt: Optimizer, snapshot: dict):
-    "Put back the states `snapshot_states` copied"
+def snapshot_optimizer(opt: Optimizer) -> tuple[dict, list]:
+    "Copies of `opt.state` and of its groups' values (some optimizers keep running values there) that its next `step` cannot change"
+    groups = [{k: _copied(v) for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+    if getattr(opt, 'replaces_states', False): return {p: dict(s) for p, s in opt.state.items()}, groups   # no tensor copies needed
+    return {p: {k: _copied(v) for k, v in s.items()} for p, s in opt.state.items()}, groups
+
+def restore_optimizer(opt: Optimizer, snapshot: tuple[dict, list]):
+    "Put back what `snapshot_optimizer` copied"
+    states, groups = snapshot
     opt.state.clear()
-    opt.state.update(snapshot)
+    opt.state.update(states)
+    for g, saved in zip(opt.param_groups, groups): g.update(saved)
 
 # %% ../nbs/02_guards.ipynb #5b0aca2a
 class ModuleBuffers:
@@ -165,16 +175,18 @@ class ModuleBuffers:
             m = stack.pop()
             if id(m) in self.seen: continue
             self.seen.add(id(m))
-            if m._buffers: self.saved.append((m, {k: b.clone() for k, b in m._buffers.items() if b is not None}))
+            if m._buffers: self.saved.append((m, [(k, b, b.clone()) for k, b in m._buffers.items() if b is not None]))
             # DDP broadcasts buffers at a forward only if the previous forward had a graph: an evaluation must not change that
             if 'require_forward_param_sync' in m.__dict__: self.ddp_sync.append((m, m.require_forward_param_sync))
             stack.extend(c for c in m._modules.values() if c is not None)
 
     @torch.no_grad()
     def restore(self):
-        "Write the saved values back, in place (so anyone holding a buffer sees them)"
+        "Put back each buffer object with its saved values (a forward may have replaced the object or written into it)"
         for module, buffers in self.saved:
-            for k, v in buffers.items(): module._buffers[k].copy_(v)
+            for k, original, value in buffers:
+                original.copy_(value)
+                module._buffers[k] = original
         for module, flag in self.ddp_sync: module.require_forward_param_sync = flag
         self.seen, self.saved, self.ddp_sync = set(), [], []
 
@@ -186,13 +198,16 @@ def recording_buffers(recorder: ModuleBuffers):
     finally: handle.remove()
 
 def random_state(devices: set) -> tuple:
-    "The CPU generator's state and that of each CUDA device in `devices`"
-    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices if d.type == 'cuda'}
+    "The global random states a closure may draw from: torch's CPU generator, each CUDA device's in `devices`, Python's, NumPy's"
+    return (torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices if d.type == 'cuda'},
+            random.getstate(), np.random.get_state())
 
 def set_random_state(state: tuple):
-    cpu, cuda = state
+    cpu, cuda, python, numpy = state
     torch.set_rng_state(cpu)
     for d, s in cuda.items(): torch.cuda.set_rng_state(s, d)
+    random.setstate(python)
+    np.random.set_state(numpy)
 
 # %% ../nbs/02_guards.ipynb #700aceba
 class PairedForwards:
@@ -243,7 +258,7 @@ class Guard(Optimizer):
         self.counts = {c: 0 for c in CHOICES}             # decided steps won by each component
         self.evaluations = {'forward': 0, 'backward': 0}  # closure calls and backward passes, all calls together
         self.last_choice, self.steps, self.history = None, 0, []
-        self._pending, self._provisional, self._versions = False, None, None
+        self._pending, self._provisional, self._evaluate_with_graph = False, None, False
         self._buf, self._txn = CandidateBuffers(), None
 
     @property
@@ -254,12 +269,14 @@ class Guard(Optimizer):
     def param_groups(self, value): pass  # Optimizer.__init__ assigns a list; the fallback's stay authoritative
 
     def add_param_group(self, param_group: dict):
-        "Add a group to both optimizers (the fallback gets its hyper-parameters)"
+        "Add a group to both optimizers: the fallback gets its hyper-parameters, the learned optimizer its own defaults"
         if not self._ready: return
         if self._pending: raise RuntimeError("a step is pending: call resolve(closure) before adding parameters")
-        check_unsharded(list(param_group['params']) if not isinstance(param_group['params'], Tensor) else [param_group['params']])
-        self.fallback.add_param_group(param_group)
-        self.learned.add_param_group({'params': self.fallback.param_groups[-1]['params']})
+        params = param_group['params']
+        group = {**param_group, 'params': [params] if isinstance(params, Tensor) else list(params)}   # a generator is read once
+        check_unsharded(group['params'])
+        self.fallback.add_param_group(group)
+        self.learned.add_param_group({'params': group['params']})
 
     @property
     def _params(self) -> list[Tensor]: return [p for g in self.param_groups for p in g['params']]
@@ -271,7 +288,9 @@ class Guard(Optimizer):
         "Whether the last step's choice still waits for the next minibatch"
         return self._pending
 
-    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_txn'}  # deepcopy / pickle keep both optimizers and the buffers
+    def __getstate__(self):
+        "What deepcopy and pickle keep: both optimizers and the guard's state, not hooks or an LR scheduler's wrapper of `step` (as torch.optim)"
+        return {k: v for k, v in self.__dict__.items() if k not in ('_txn', 'step') and not (k.startswith('_optimizer_') and k.endswith('_hooks'))}
 
     def __repr__(self):
         return (f"{type(self).__name__}(learned={type(self.learned).__name__}, fallback={type(self.fallback).__name__}, "
@@ -281,7 +300,7 @@ class Guard(Optimizer):
     def _scalars(self) -> dict:
         "The guard's own bookkeeping, as a failed call must leave it"
         return dict(counts=dict(self.counts), evaluations=dict(self.evaluations), last_choice=self.last_choice,
-                    steps=self.steps, _pending=self._pending, _provisional=self._provisional, _versions=self._versions)
+                    steps=self.steps, _pending=self._pending, _provisional=self._provisional)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -299,7 +318,7 @@ class Guard(Optimizer):
 
     def _rollback(self, txn: dict, params: list[Tensor]):
         for name, opt in (('learned', self.learned), ('fallback', self.fallback)):
-            if name in txn['states']: restore_states(opt, txn['states'][name])
+            if name in txn['states']: restore_optimizer(opt, txn['states'][name])
         if txn['entry'] is not None: txn['entry'].load()
         self._buf.points, self._buf.holding = txn['points'], None
         for p, g in zip(params, txn['grads']): p.grad = g
@@ -311,7 +330,10 @@ class Guard(Optimizer):
         "Keep the parameters as the call found them where a rollback finds them; the parameters that take part"
         trainable, buf = [p for p in self._params if p.requires_grad], self._buf
         if not self._pending: buf.points = {}   # a decided step's candidates are not needed any more
-        entry = buf[self._provisional] if self._pending and buf[self._provisional].holds(trainable) else buf.save('entry', trainable)
+        held = buf[self._provisional].params if self._pending else []
+        known = {id(p) for p in held}
+        extra = [p for p in trainable if id(p) not in known]   # trainable now, not when the pending step was proposed
+        entry = buf[self._provisional] if self._pending and not extra else buf.save('entry', held + extra)
         buf.protected = {buf.points[c] for c in CHOICES if self._pending} | {buf.slots.index(entry)}
         self._txn['entry'] = entry
         return trainable
@@ -324,18 +346,30 @@ class Guard(Optimizer):
 
     # evaluations, counted -------------------------------------------------------------------------
     def _forward(self, closure: Callable, grad: bool) -> tuple[Tensor, ModuleBuffers]:
-        "The closure's loss at the current parameters (with a graph iff `grad`), and the module buffers as they were before"
+        "The closure's loss at the current parameters (with a graph if `grad`), and the module buffers as they were before"
         params, buffers = self._params, ModuleBuffers()
-        grads = [p.grad for p in params]
+        grads, versions = [p.grad for p in params], [p._version for p in params]
         self._txn['buffers'].append(buffers)
         torch.clear_autocast_cache()   # autocast caches low-precision copies of parameters, which a guard changes in place
-        with torch.set_grad_enabled(grad), recording_buffers(buffers):
-            try: loss = closure()
-            except RuntimeError as e:
-                if not grad and 'does not require grad' in str(e): raise ValueError(_BACKWARD_INSIDE) from None
-                raise
+        graph = grad or self._evaluate_with_graph
+        start = None if graph else random_state(self._devices)
+        for p in params: p.grad = None   # so that a backward() inside shows itself, and leaves the gradients it would add to alone
+        try:
+            with torch.set_grad_enabled(graph), recording_buffers(buffers): loss = closure()
+            backward_inside = any(p.grad is not None for p in params)
+        except RuntimeError as e:
+            for p, g in zip(params, grads): p.grad = g
+            if graph or 'does not require grad' not in str(e): raise
+            # the closure differentiates (torch.autograd.grad: a gradient penalty, a PINN), or calls backward():
+            # evaluate it again with a graph, from the same state, and find out which
+            buffers.restore(); set_random_state(start)
+            self._evaluate_with_graph = True
+            try: return self._forward(closure, grad)
+            except ValueError: self._evaluate_with_graph = False; raise
+        for p, g in zip(params, grads): p.grad = g
         self.evaluations['forward'] += 1
-        if any(p.grad is not g for p, g in zip(params, grads)): raise ValueError(_BACKWARD_INSIDE)
+        if backward_inside: raise ValueError(_BACKWARD_INSIDE)
+        if any(p._version != v for p, v in zip(params, versions)): self._buf.holding = None   # changed in place (Embedding's max_norm)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
             raise TypeError(f"the closure must return the minibatch loss as a scalar tensor, got {got}")
@@ -344,11 +378,14 @@ class Guard(Optimizer):
                              "and leave requires_grad on for at least one parameter")
         return loss, buffers
 
-    def _backward(self, loss: Tensor):
-        "The gradient of `loss` in `p.grad` of every parameter it depends on; None elsewhere, as after zero_grad() and backward()"
+    def _backward(self, loss: Tensor, speculative: bool = False):
+        "The gradient of `loss` in `p.grad`, as after zero_grad() and loss.backward(): None where the loss does not reach"
         params = self._params
         for p in params: p.grad = None
-        loss.backward(inputs=[p for p in params if p.requires_grad])   # backward, not autograd.grad: DDP averages and hooks run
+        # backward, not autograd.grad: DDP averages, hooks run, other leaves (another optimizer's, inputs) get their gradient;
+        # a speculative gradient (GL2O's test) reaches only the guard's parameters until it is kept
+        if speculative: loss.backward(inputs=[p for p in params if p.requires_grad], retain_graph=True)
+        else: loss.backward()
         self.evaluations['backward'] += 1
 
     def _distributed(self) -> bool:
@@ -403,14 +440,13 @@ class Guard(Optimizer):
     def _start(self) -> tuple[dict, dict]:
         "Drop a pending decision if someone moved the parameters; note what the parameters hold"
         entry = {'step': self.steps}
-        if self._pending and self._versions != [p._version for p in self._params] and self._buf.differ(self._provisional):
+        if self._pending and self._buf.differ(self._provisional):   # compares values: `p.data` writes leave no version behind
             self._pending = False
             entry['dropped'] = self.steps - 1
         self._buf.holding = self._provisional if self._pending else None
         return entry, dict(self.evaluations)
 
     def _finish(self, entry: dict, before: dict, loss: Tensor):
-        self._versions = [p._version for p in self._params]
         if self.record:
             entry.update(loss=loss.item(), forward=self.evaluations['forward'] - before['forward'],
                          backward=self.evaluations['backward'] - before['backward'])
@@ -430,7 +466,7 @@ class Guard(Optimizer):
         theta = buf[buf.holding] if buf.holding is not None and buf[buf.holding].holds(trainable) else buf.save('theta', trainable)
         for name, opt in (('fallback', self.fallback), ('learned', self.learned)):  # the fallback first: a learned optimizer that writes into p.grad cannot corrupt its step
             if name == 'learned': theta.load()   # the parameters hold theta before the fallback's step
-            states[name] = snapshot_states(opt)
+            states[name] = snapshot_optimizer(opt)
             opt.step()
             buf.save(name, trainable, check_finite=True)
 
@@ -499,7 +535,6 @@ class Guard(Optimizer):
                 point.finite = s['finite'][c]
             self._provisional = s['provisional']
             self._buf[self._provisional].load()
-        self._versions = None
 
 _BACKWARD_INSIDE = ("the closure called backward() or zero_grad() itself: return the minibatch loss without them, the guard "
                     "computes the gradient (in PyTorch Lightning, use manual optimization)")
@@ -569,6 +604,23 @@ def _check_fraction(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
 
+def graph_leaves(loss: Tensor) -> list[Tensor]:
+    "The tensors whose `.grad` a `loss.backward()` would accumulate into"
+    leaves, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen: continue
+        seen.add(node)
+        if hasattr(node, 'variable'): leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+def backward_to_other_leaves(loss: Tensor, params: list[Tensor]):
+    "Complete a speculative backward that reached only `params`: the other leaves get their gradient, as from loss.backward()"
+    ours = {id(p) for p in params}
+    others = [t for t in graph_leaves(loss) if id(t) not in ours]
+    if others: loss.backward(inputs=others)
+
 class GradientGuard(Guard):
     "GL2O: keep the learned candidate iff the gradient norm there is below (1 - delta) mu"
     def __init__(self, learned: Optimizer, fallback: Optimizer,
@@ -614,7 +666,7 @@ class GradientGuard(Guard):
         loss = pair.forward(closure, grad=True)
         value = self._loss_values(loss)[0]
         if not math.isfinite(value): return loss, value, math.nan
-        self._backward(loss)
+        self._backward(loss, speculative=True)
         return loss, value, grad_norm([p.grad for p in self._params if p.grad is not None])
 
     def _decide(self, closure, entry, decided: int, for_step: bool, want_loss: bool) -> Tensor | None:
@@ -635,7 +687,9 @@ class GradientGuard(Guard):
                 loss_f = self._loss_values(loss)[0]
                 if not math.isfinite(loss_f): self._fail(f"the learned candidate is rejected and the fallback's loss is {loss_f}")
                 if for_step: self._backward(loss); kept = True
-        if kept: pair.keep()
+        if kept:
+            pair.keep()
+            if choice == 'learned': backward_to_other_leaves(loss, params)
         else:
             pair.close()
             for p, g in zip(params, grads): p.grad = g

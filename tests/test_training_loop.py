@@ -501,3 +501,192 @@ def test_sharded_parameters_are_refused_in_one_line():
     w = nn.Parameter(torch.ones(3))
     w._fsdp_flattened = True   # what FSDP marks its flattened parameters with
     with pytest.raises(TypeError, match='DistributedDataParallel'): LossGuard(ADAM([w]), SGD([w]))
+
+
+# found by trying to break it -------------------------------------------------------------------------------------------
+
+def test_add_param_group_takes_a_generator_as_torch_optim_does():
+    body, head = nn.Linear(3, 3), nn.Linear(3, 1)
+    guard = LossGuard(torch.optim.SGD(head.parameters(), lr=0.1), torch.optim.SGD(head.parameters(), lr=0.1))
+    guard.add_param_group({'params': body.parameters()})
+    assert len(guard.param_groups[1]['params']) == 2 and len(guard.learned.param_groups[1]['params']) == 2
+    w = body.weight.detach().clone()
+    x = torch.randn(4, 3)
+    for _ in range(3): guard.step(lambda: head(body(x)).pow(2).mean())
+    assert not torch.equal(w, body.weight)
+
+
+def test_writes_through_p_data_between_steps_drop_the_pending_decision():
+    "Weight clipping as in WGAN (p.data.clamp_) leaves no version behind; the guard must still see it"
+    def run(guarded):
+        w = nn.Parameter(torch.tensor([1.0]))
+        opt = same_twice(functools.partial(torch.optim.SGD, lr=0.1), nn.ParameterList([w])) if guarded else torch.optim.SGD([w], lr=0.1)
+        for _ in range(3):
+            if guarded: opt.step(lambda: (w ** 2).sum())
+            else: opt.zero_grad(); (w ** 2).sum().backward(); opt.step()
+            w.data.clamp_(-0.01, 0.01)
+        return w.detach()
+    assert torch.equal(run(True), run(False))
+
+
+def test_parameters_renormalised_inside_the_forward_follow_the_plain_loop():
+    "nn.Embedding(max_norm=...) renormalises its rows in place during the forward"
+    def run(guarded):
+        torch.manual_seed(0)
+        m = nn.Embedding(5, 3, max_norm=1.0)
+        make = functools.partial(torch.optim.SGD, lr=2.0)
+        opt = same_twice(make, m) if guarded else make(m.parameters())
+        idx = torch.tensor([0, 1, 2])
+        for _ in range(4):
+            closure = lambda: (m(idx) - 5).pow(2).mean()
+            if guarded: opt.step(closure)
+            else: opt.zero_grad(); closure().backward(); opt.step()
+        return m.weight.detach()
+    assert torch.equal(run(True), run(False))
+
+
+@pytest.mark.parametrize('guard_cls', GUARDS)
+def test_leaves_outside_the_guard_get_their_gradient_as_in_the_plain_loop(guard_cls):
+    "A sparse embedding trained by SparseAdam beside a guarded head, and an input gradient (saliency, FGSM)"
+    def run(guarded):
+        torch.manual_seed(0)
+        emb, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1)
+        sparse_opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
+        make = functools.partial(torch.optim.SGD, lr=0.1)
+        dense = guard_cls(make(head.parameters()), make(head.parameters())) if guarded else make(head.parameters())
+        idx, y = torch.tensor([1, 2, 3]), torch.ones(3, 1)
+        for _ in range(3):
+            closure = lambda: nn.functional.mse_loss(head(emb(idx)), y)
+            sparse_opt.zero_grad()
+            if guarded: dense.step(closure)
+            else: dense.zero_grad(); closure().backward(); dense.step()
+            sparse_opt.step()
+        return emb.weight.detach(), head.weight.detach()
+    plain, guarded = run(False), run(True)
+    assert torch.equal(plain[0], guarded[0])
+    if guard_cls is LossGuard: assert torch.equal(plain[1], guarded[1])
+    x = torch.randn(4, 3, requires_grad=True)
+    m = nn.Linear(3, 1)
+    guard_cls(ADAM(m.parameters()), SGD(m.parameters())).step(lambda: m(x).pow(2).mean())
+    assert x.grad is not None
+
+
+class ReplacesBuffer(nn.Module):
+    "Keeps the last output in a buffer by replacing the buffer object, not writing into it"
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.register_buffer('last', torch.zeros(0))
+
+    def forward(self, x):
+        self.last = x.detach()   # aliases the caller's batch
+        return self.lin(x)
+
+
+def test_a_replaced_buffer_is_put_back_without_writing_into_the_new_object():
+    m = ReplacesBuffer()
+    guard = same_twice(functools.partial(torch.optim.SGD, lr=0.1), m)
+    batches = [torch.full((n, 4), float(i)) for i, n in enumerate((8, 8, 5, 8))]   # a smaller last-but-one batch
+    kept = [b.clone() for b in batches]
+    for b in batches: guard.step(lambda: m(b).pow(2).mean())
+    assert all(torch.equal(a, b) for a, b in zip(batches, kept))   # the user's batches are untouched
+    assert sum(guard.counts.values()) == 3
+
+
+def test_a_closure_that_differentiates_inside_is_evaluated_with_a_graph():
+    "A PINN residual (torch.autograd.grad in the loss) under a guard over one optimizer twice follows the plain loop"
+    x = torch.linspace(0, 1, 16).unsqueeze(1).requires_grad_()
+    def residual(u):
+        du = torch.autograd.grad(u(x).sum(), x, create_graph=True)[0]
+        return (du - torch.cos(x)).pow(2).mean()
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    a, b = net(), net()
+    opt = ADAM(a.parameters())
+    for _ in range(4):
+        opt.zero_grad(); residual(a).backward(); opt.step()
+    guard = same_twice(ADAM, b)
+    for _ in range(4): guard.step(lambda: residual(b))
+    assert_same_tensors(a.parameters(), b.parameters())
+
+
+def test_a_failed_call_restores_a_parameter_frozen_while_a_decision_was_pending():
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    fail = [False]
+    def hook(params):
+        if fail[0]: raise Boom()
+    guard = LossGuard(torch.optim.SGD([a, b], lr=0.5), torch.optim.SGD([a, b], lr=0.01), grad_hook=hook)
+    loss = lambda: (a - 1).pow(2).sum() + (b - 1).pow(2).sum()
+    guard.step(loss)
+    b.requires_grad_(False)
+    fail[0] = True
+    held = (a.item(), b.item())
+    with pytest.raises(Boom): guard.step(loss)
+    assert (a.item(), b.item()) == held and guard.pending
+
+
+def test_a_failed_call_restores_values_an_optimizer_keeps_in_its_param_groups():
+    "Prodigy, D-Adaptation and schedule-free keep running values in param_groups"
+    class CountingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            for g in self.param_groups: g['k'] = g.get('k', 0) + 1; g['lr'] = 0.1 / g['k']
+            return super().step(closure)
+    w = nn.Parameter(torch.ones(3))
+    guard = LossGuard(CountingSGD([w], lr=0.1), CountingSGD([w], lr=0.1), compare='same')
+    guard.step(lambda: (w ** 2).sum())
+    before = [dict(g, params=None) for g in guard.fallback.param_groups + guard.learned.param_groups]
+    calls = [0]
+    def closure():
+        calls[0] += 1
+        if calls[0] == 2: raise Boom()
+        return (w ** 2).sum()
+    with pytest.raises(Boom): guard.step(closure)
+    assert [dict(g, params=None) for g in guard.fallback.param_groups + guard.learned.param_groups] == before
+
+
+@pytest.mark.parametrize('compare', ['next', 'same'])
+def test_a_backward_inside_the_closure_is_caught_when_gradients_already_exist(compare):
+    "Accumulating into an existing p.grad keeps the object: the guard must still see the backward"
+    torch.manual_seed(0)
+    m = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    guard = LossGuard(torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.SGD(m.parameters(), lr=0.05), compare=compare)
+    guard.step(lambda: m(x).pow(2).mean())
+    before = everything(m, guard)
+    def closure():
+        loss = m(x).pow(2).mean(); loss.backward(); return loss
+    with pytest.raises(ValueError, match='called backward'): guard.step(closure)
+    assert_unchanged(before, everything(m, guard))
+
+
+def test_a_copy_of_a_guard_with_a_scheduler_steps_only_itself_and_pickles():
+    import io
+    torch.manual_seed(0)
+    m = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    guard = LossGuard(torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.SGD(m.parameters(), lr=0.1))
+    torch.optim.lr_scheduler.StepLR(guard, step_size=10)
+    guard.register_step_post_hook(lambda *a: None)
+    m2, guard2 = copy.deepcopy((m, guard))
+    guard2.step(lambda: m2(x).pow(2).mean())
+    assert guard.steps == 0 and not guard.pending and guard2.steps == 1
+    torch.save(guard, io.BytesIO())
+
+
+def test_numpy_and_python_draws_in_the_closure_follow_the_plain_loop():
+    import random
+    import numpy as np
+    def run(guarded):
+        np.random.seed(0); random.seed(0); torch.manual_seed(0)
+        m = nn.Linear(3, 1)
+        x, y = torch.randn(8, 3), torch.randn(8, 1)
+        make = functools.partial(torch.optim.SGD, lr=0.1)
+        opt = same_twice(make, m) if guarded else make(m.parameters())
+        for _ in range(4):
+            closure = lambda: nn.functional.mse_loss(m(x + torch.from_numpy(np.random.randn(8, 3)).float() * random.random()), y)
+            if guarded: opt.step(closure)
+            else: opt.zero_grad(); closure().backward(); opt.step()
+        return m.weight.detach(), np.random.rand(), random.random()
+    a, b = run(False), run(True)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
