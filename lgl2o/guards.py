@@ -9,11 +9,9 @@ import contextlib
 import copy
 import inspect
 import math
-import random
 from collections import deque
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed
 from torch import Tensor, nn
@@ -198,16 +196,13 @@ def recording_buffers(recorder: ModuleBuffers):
     finally: handle.remove()
 
 def random_state(devices: set) -> tuple:
-    "The global random states a closure may draw from: torch's CPU generator, each CUDA device's in `devices`, Python's, NumPy's"
-    return (torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices if d.type == 'cuda'},
-            random.getstate(), np.random.get_state())
+    "The state of torch's CPU generator and of each CUDA device's in `devices`"
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices if d.type == 'cuda'}
 
 def set_random_state(state: tuple):
-    cpu, cuda, python, numpy = state
+    cpu, cuda = state
     torch.set_rng_state(cpu)
     for d, s in cuda.items(): torch.cuda.set_rng_state(s, d)
-    random.setstate(python)
-    np.random.set_state(numpy)
 
 # %% ../nbs/02_guards.ipynb #700aceba
 class PairedForwards:
