@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
+import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -57,8 +60,16 @@ def is_main() -> bool:
     return rank() == 0
 
 def shutdown():
-    "Leave the process group, if any (registered to run at exit)"
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    "Leave the process group, if any, and warn if it survives (registered to run at exit: its threads must end before the interpreter)"
+    if not (dist.is_available() and dist.is_initialized()): return
+    pg = dist.group.WORLD
+    dist.destroy_process_group()
+    if sys.getrefcount(pg) > 2: gc.collect()   # 2: `pg` and the argument; a reference cycle may hold the rest
+    if sys.getrefcount(pg) > 2:
+        warnings.warn(f"lgl2o.distributed.shutdown: the process group is still referenced ({sys.getrefcount(pg) - 2} more) after "
+                      "destroy_process_group, so its gloo threads outlive the interpreter and may abort this process at exit "
+                      "('terminate called without an active exception'); release what holds it (a DistributedDataParallel "
+                      "model, a default argument group=torch.distributed.group.WORLD) before the process ends", RuntimeWarning)
 
 def init_distributed(device: str = 'cpu',        # the run's device: 'cpu' uses gloo, CUDA uses NCCL
                      timeout_s: float = 1800.0   # how long a collective may wait for a slow or lost peer
@@ -69,6 +80,7 @@ def init_distributed(device: str = 'cpu',        # the run's device: 'cpu' uses 
     if not dist.is_available(): raise RuntimeError("WORLD_SIZE > 1 but this PyTorch has no torch.distributed")
     d = resolve_device(device)
     if d.type == 'cuda': torch.cuda.set_device(d)
+    from torch.distributed import nn as _   # now, before the group exists: its default arguments group=group.WORLD would keep it alive (see above)
     dist.init_process_group(backend_for(d), timeout=datetime.timedelta(seconds=timeout_s))   # env://
     atexit.register(shutdown)
     return rank(), world_size()

@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import lgl2o.meta
-from conftest import NBS
+from conftest import NBS, launch, run_workers
 from lgl2o.distributed import all_gather_objects, all_reduce_sum, init_distributed, resolve_device, world_size
 from lgl2o.meta import MetaConfig, MetaTrainer, instance_seeds, load_checkpoint, read_checkpoint
 
@@ -36,18 +35,10 @@ tr.train(until=until)
 CLI = "import sys\nfrom lgl2o.cli import train_main\nsys.exit(train_main())\n"
 
 
-def launch(script: Path, processes: int, *args) -> list[str]:
-    "The command running `script` in 1 process, or under torchrun in several"
-    if processes == 1: return [sys.executable, str(script), *map(str, args)]
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(processes), str(script), *map(str, args)]
-
-
 def train(tmp_path, processes, out, until, resume=False, config=CONFIG):
     script = tmp_path / 'train.py'
     script.write_text(TRAIN)
-    p = subprocess.run(launch(script, processes, json.dumps(config), out, until, 'resume' if resume else 'new'),
-                       capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_workers(script, processes, json.dumps(config), out, until, 'resume' if resume else 'new', cwd=tmp_path)
     return read_checkpoint(Path(out) / 'checkpoint.pt')
 
 
