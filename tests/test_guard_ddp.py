@@ -2,71 +2,63 @@
 its own shard of every minibatch. Gradients are averaged by DDP (the guard runs backward(), which DDP hooks), and
 each choice is made on the loss averaged over the processes, so every process keeps the same candidate."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+from conftest import run_workers
 
 WORKER = r'''
-import json, sys, torch, torch.distributed as dist
+import json, sys, torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from lgl2o import LossGuard, GradientGuard, LearnedOptimizer, load_pretrained
-torch.set_num_threads(1)
-dist.init_process_group('gloo')
-rank, world = dist.get_rank(), dist.get_world_size()
+from lgl2o.distributed import init_distributed
 
 def model():
     torch.manual_seed(0)   # identical initial weights on every process
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 1))
 
-g = torch.Generator().manual_seed(1)
-data = [(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)) for _ in range(7)]
-shards = [(x[rank::world], y[rank::world]) for x, y in data]   # each process its own half of every minibatch
-loss_of = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])
-sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)
-adam = lambda ps: torch.optim.Adam(ps, lr=0.05)
-lstm = lambda ps: LearnedOptimizer(ps, load_pretrained('lstm-mnist'))
-RUNS = {'plain SGD': None, 'LossGuard(SGD, SGD)': (LossGuard, sgd, sgd), 'LossGuard(Adam, SGD)': (LossGuard, adam, sgd),
-        'LossGuard(lstm-mnist, Adam)': (LossGuard, lstm, adam), 'GradientGuard(Adam, SGD)': (GradientGuard, adam, sgd)}
-out = {}
-for name, spec in RUNS.items():
-    torch.manual_seed(2 + rank)   # different dropout masks on each process, as in real data-parallel training
-    net = model()
-    ddp = DDP(net)
-    if spec is None:
-        opt = sgd(ddp.parameters())
-        for b in shards[:6]:
-            opt.zero_grad(); loss_of(ddp, b).backward(); opt.step()
-        counts = None
-    else:
-        cls, learned, fallback = spec
-        guard = cls(learned(ddp.parameters()), fallback(ddp.parameters()))
-        for b in shards[:6]: guard.step(lambda: loss_of(ddp, b))
-        guard.resolve(lambda: loss_of(ddp, shards[6]))
-        counts = guard.counts
-    out[name] = {'params': [p.detach().flatten().tolist() for p in net.parameters()],
-                 'buffers': [b.detach().flatten().tolist() for b in net.buffers()], 'counts': counts}
-json.dump(out, open(sys.argv[1] + f'/rank{rank}.json', 'w'))
-dist.barrier()
-dist.destroy_process_group()
+def main(folder):
+    torch.set_num_threads(1)
+    rank, world = init_distributed()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)) for _ in range(7)]
+    shards = [(x[rank::world], y[rank::world]) for x, y in data]   # each process its own half of every minibatch
+    loss_of = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)
+    adam = lambda ps: torch.optim.Adam(ps, lr=0.05)
+    lstm = lambda ps: LearnedOptimizer(ps, load_pretrained('lstm-mnist'))
+    runs = {'plain SGD': None, 'LossGuard(SGD, SGD)': (LossGuard, sgd, sgd), 'LossGuard(Adam, SGD)': (LossGuard, adam, sgd),
+            'LossGuard(lstm-mnist, Adam)': (LossGuard, lstm, adam), 'GradientGuard(Adam, SGD)': (GradientGuard, adam, sgd)}
+    out = {}
+    for name, spec in runs.items():
+        torch.manual_seed(2 + rank)   # different dropout masks on each process, as in real data-parallel training
+        net = model()
+        ddp = DDP(net)   # a local: nothing holds the process group when the process ends
+        if spec is None:
+            opt = sgd(ddp.parameters())
+            for b in shards[:6]:
+                opt.zero_grad(); loss_of(ddp, b).backward(); opt.step()
+            counts = None
+        else:
+            cls, learned, fallback = spec
+            guard = cls(learned(ddp.parameters()), fallback(ddp.parameters()))
+            for b in shards[:6]: guard.step(lambda: loss_of(ddp, b))
+            guard.resolve(lambda: loss_of(ddp, shards[6]))
+            counts = guard.counts
+        out[name] = {'params': [p.detach().flatten().tolist() for p in net.parameters()],
+                     'buffers': [b.detach().flatten().tolist() for b in net.buffers()], 'counts': counts}
+    json.dump(out, open(folder + f'/rank{rank}.json', 'w'))
+
+main(sys.argv[1])
 '''
 
 
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp('ddp')
-    script = folder / 'worker.py'
-    script.write_text(WORKER)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script), str(folder)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=folder)
-    assert p.returncode == 0, p.stderr[-3000:]
+    (folder / 'worker.py').write_text(WORKER)
+    run_workers(folder / 'worker.py', 2, folder, cwd=folder)
     return [json.loads((folder / f'rank{r}.json').read_text()) for r in range(2)]
 
 
