@@ -7,14 +7,16 @@ import random
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import lgl2o.meta
 from conftest import NBS, launch, run_workers
-from lgl2o.distributed import all_gather_objects, all_reduce_sum, init_distributed, resolve_device, world_size
+from lgl2o.distributed import all_gather_objects, all_reduce_sum, init_distributed, resolve_device, shutdown, world_size
 from lgl2o.meta import MetaConfig, MetaTrainer, instance_seeds, load_checkpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +92,20 @@ def test_lone_process_helpers_and_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='sees no CUDA GPU'):
             MetaTrainer(MetaConfig(**{**CONFIG, 'device': 'cuda'}), progress=False)
+
+
+def test_shutdown_warns_when_the_group_outlives_it():
+    "A group still held after destroy_process_group keeps its gloo threads past the interpreter (the abort at exit): shutdown says so"
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    held = dist.group.WORLD
+    with pytest.warns(RuntimeWarning, match='still referenced'): shutdown()
+    assert not dist.is_initialized()
+    del held
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        shutdown()
+    assert not dist.is_initialized()
 
 
 def test_several_tasks_per_step_average_the_meta_gradient():
