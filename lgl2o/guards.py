@@ -117,7 +117,6 @@ class CandidateBuffers:
         self.protected: set[int] = set()   # slots a failed step must find intact (its rollback target)
 
     def __getitem__(self, name: str) -> SavedPoint: return self.slots[self.points[name]]
-    def __contains__(self, name: str) -> bool: return name in self.points
 
     def save(self, name: str, params: list[Tensor], check_finite: bool = False) -> SavedPoint:
         "Copy the values of `params` into a slot no named or protected point uses, under `name`"
