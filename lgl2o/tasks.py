@@ -235,7 +235,7 @@ class NoisyQuadraticTask(Task):
 
 # %% ../nbs/00_tasks.ipynb #16a5829b
 class LinearModel(nn.Module):
-    "$x \\mapsto x^T w$ without bias, started at zero as in seed 002"
+    "$x \\mapsto x^T w$ without bias, started at zero as in Wang et al. (2021)"
     def __init__(self, dim: int):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(dim))
@@ -244,7 +244,7 @@ class LinearModel(nn.Module):
 # %% ../nbs/00_tasks.ipynb #665021f2
 @dataclass
 class LeastSquaresTask(Task):
-    "Noisy linear regression with train, validation and test splits (seed 002)"
+    "Noisy linear regression with train, validation and test splits (Wang et al. 2021)"
     dim: int = 1000     # number of features d
     n_train: int = 500  # samples the optimizer trains on
     n_valid: int = 0    # samples kept apart for a train-by-validation meta-objective
