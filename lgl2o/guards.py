@@ -9,7 +9,7 @@ import contextlib
 import copy
 import inspect
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 import torch
@@ -24,9 +24,9 @@ from .tasks import QuadraticTask, seeded
 __all__ = ['CHOICES', 'COMPARE_RULES', 'MU_SCHEMES', 'QUADRATIC_METHODS', 'ADVERSARIES', 'check_same_params',
            'check_one_gradient_per_step', 'check_unsharded', 'all_finite', 'grad_norm', 'SavedPoint',
            'CandidateBuffers', 'snapshot_optimizer', 'restore_optimizer', 'ModuleBuffers', 'recording_buffers',
-           'random_state', 'set_random_state', 'PairedForwards', 'Guard', 'LossGuard', 'NaNProposer', 'graph_leaves',
-           'backward_to_other_leaves', 'GradientGuard', 'theorem1_lr', 'float64_quadratic', 'untrained_lstm',
-           'quadratic_run']
+           'random_state', 'set_random_state', 'PairedForwards', 'ShadowRun', 'Guard', 'LossGuard', 'NaNProposer',
+           'graph_leaves', 'backward_to_other_leaves', 'GradientGuard', 'theorem1_lr', 'float64_quadratic',
+           'untrained_lstm', 'quadratic_run']
 
 # %% ../nbs/02_guards.ipynb #3e2cd290
 CHOICES = ('learned', 'fallback')    # the two components, as `last_choice` and `counts` name them
@@ -229,6 +229,87 @@ class PairedForwards:
         self.discard()
         set_random_state(self.start)
 
+# %% ../nbs/02_guards.ipynb #a1b2c3d40001
+def _check_fraction(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+
+def _copy_onto(opt: Optimizer, memo: dict) -> Optimizer:
+    "A copy of `opt` (state, hyper-parameters, its subclass's attributes) over other tensors; `memo` maps id(parameter) to its tensor"
+    copied = object.__new__(type(opt))   # not deepcopy(opt): Optimizer.__getstate__ drops a subclass's own attributes
+    for k, v in vars(opt).items():
+        if k == 'step': continue         # an LR scheduler's wrapper of the original's `step`
+        hooks = k.startswith('_optimizer_') and k.endswith('_hooks')   # the user's hooks belong to the original
+        copied.__dict__[k] = OrderedDict() if hooks else copy.deepcopy(v, memo)
+    return copied
+
+class ShadowRun:
+    "The fallback optimizer run alone beside a guarded run: its own copy of the parameters and of the fallback's state"
+    def __init__(self, fallback: Optimizer, params: list[Tensor]):
+        self.params = [p.detach().clone() for p in params]   # where the fallback alone would be
+        self.opt = _copy_onto(fallback, dict(zip(map(id, params), self.params)))
+        self._sources = [id(p) for p in params]
+        self.smoothed = None       # (guarded, shadow): smoothed minibatch losses
+
+    def holds(self, params: list[Tensor]) -> bool:
+        "Whether this run shadows exactly these parameter tensors"
+        return self._sources == [id(p) for p in params]
+
+    @torch.no_grad()
+    def load_into(self, params: list[Tensor]): torch._foreach_copy_(params, self.params)
+
+    @torch.no_grad()
+    def refresh_frozen(self, params: list[Tensor]):
+        "Parameters that do not train keep the model's values (a user may load or change them)"
+        for p, s in zip(params, self.params):
+            if not p.requires_grad: s.copy_(p)
+
+    def behind(self, loss_guarded: float, loss_shadow: float, tolerance: float, smoothing: float) -> bool:
+        "Add one pair of minibatch losses; whether the guarded run's smoothed loss exceeds the shadow's by more than `tolerance` (relative)"
+        if self.smoothed is None: self.smoothed = (loss_guarded, loss_shadow)
+        else: self.smoothed = tuple(smoothing * old + (1 - smoothing) * new for old, new in zip(self.smoothed, (loss_guarded, loss_shadow)))
+        guarded, shadow = self.smoothed
+        if math.isfinite(guarded) and guarded - shadow <= tolerance * abs(shadow): return False
+        self.smoothed = (shadow, shadow)   # the guarded run is about to continue from the shadow's point
+        return True
+
+    def step(self, grads: list, fallback: Optimizer, grad_hook=None):
+        "One step of the fallback alone from `grads` (which it takes over), with the fallback's current hyper-parameters (an LR schedule acts on both)"
+        for mine, theirs in zip(self.opt.param_groups, fallback.param_groups):
+            mine.update({k: v for k, v in theirs.items() if k != 'params'})
+        for s, g in zip(self.params, grads): s.grad = g
+        if grad_hook is not None: grad_hook([s for s in self.params if s.grad is not None])
+        self.opt.step()
+        for s in self.params: s.grad = None
+
+    def copy_state_to(self, fallback: Optimizer, params: list[Tensor]):
+        "Give the guarded run's fallback this run's optimizer state"
+        for p, s in zip(params, self.params):
+            if s in self.opt.state: fallback.state[p] = {k: _copied(v) for k, v in self.opt.state[s].items()}
+            else: fallback.state.pop(p, None)
+
+    def snapshot(self) -> tuple:
+        return snapshot_optimizer(self.opt), [s.clone() for s in self.params], self.smoothed
+
+    @torch.no_grad()
+    def restore(self, snap: tuple):
+        state, values, self.smoothed = snap
+        restore_optimizer(self.opt, state)
+        torch._foreach_copy_(self.params, values)
+
+    def state_dict(self) -> dict:
+        return {'params': [s.clone() for s in self.params], 'optimizer': self.opt.state_dict(), 'smoothed': self.smoothed}
+
+    @torch.no_grad()
+    def load_state_dict(self, d: dict):
+        if [t.shape for t in d['params']] != [s.shape for s in self.params]:
+            raise ValueError(f"the saved shadow run has shapes {[tuple(t.shape) for t in d['params']]}, the parameters "
+                             f"{[tuple(s.shape) for s in self.params]}: load it into a guard over the same model")
+        for s, t in zip(self.params, d['params']): s.copy_(t)
+        self.opt.load_state_dict(d['optimizer'])
+        self.smoothed = None if d['smoothed'] is None else tuple(d['smoothed'])
+
+
 # %% ../nbs/02_guards.ipynb #45abd240
 class Guard(Optimizer):
     "Shared machinery of the guards: two candidates from one gradient, a rule, a choice, all-or-nothing steps"
@@ -239,12 +320,17 @@ class Guard(Optimizer):
                  compare: str = 'next',     # 'next': decide step t on the minibatch of step t+1; 'same': on step t's own
                  record: bool = False,      # keep one dict per call in `history` (choice, candidate losses, evaluations)
                  grad_hook: Callable[[list[Tensor]], object] | None = None,  # called on the parameters with a gradient before both proposals (clipping)
-                 process_group=None):       # where candidate losses are averaged under torch.distributed (None: the default group)
+                 process_group=None,        # where candidate losses are averaged under torch.distributed (None: the default group)
+                 shadow: float | None = None,   # reset to the fallback's shadow run when the guarded run's smoothed loss exceeds it by this fraction; None: no shadow run
+                 smoothing: float = 0.9):   # weight of the past in the smoothed minibatch losses the shadow rule compares, in (0, 1)
         params = check_same_params(learned, fallback)
         check_one_gradient_per_step(learned, fallback)
         check_unsharded(params)
         if compare not in COMPARE_RULES: raise ValueError(f"compare must be one of {list(COMPARE_RULES)}, got {compare!r}")
         if grad_hook is not None and not callable(grad_hook): raise TypeError(f"grad_hook must be callable, got {grad_hook!r}")
+        if shadow is not None and (isinstance(shadow, bool) or not isinstance(shadow, (int, float)) or not 0 <= shadow < 1):
+            raise ValueError(f"shadow must be None or a tolerance in [0, 1), e.g. 0.02, got {shadow!r}")
+        _check_fraction('smoothing', smoothing)
         self.learned, self.fallback, self._ready = learned, fallback, False
         super().__init__(params, {})
         self.defaults, self._ready = fallback.defaults, True
@@ -254,6 +340,7 @@ class Guard(Optimizer):
         self.last_choice, self.steps, self.history = None, 0, []
         self._pending, self._provisional, self._evaluate_with_graph = False, None, False
         self._buf, self._txn = CandidateBuffers(), None
+        self.shadow, self.smoothing, self.resets, self._shadow = (None if shadow is None else float(shadow)), float(smoothing), 0, None
 
     @property
     def param_groups(self):
@@ -271,6 +358,7 @@ class Guard(Optimizer):
         check_unsharded(group['params'])
         self.fallback.add_param_group(group)
         self.learned.add_param_group({'params': group['params']})
+        self._shadow = None   # the shadow run starts again, from the parameters as they are, at the next step
 
     @property
     def _params(self) -> list[Tensor]: return [p for g in self.param_groups for p in g['params']]
@@ -288,13 +376,13 @@ class Guard(Optimizer):
 
     def __repr__(self):
         return (f"{type(self).__name__}(learned={type(self.learned).__name__}, fallback={type(self.fallback).__name__}, "
-                f"compare={self.compare!r}, counts={self.counts})")
+                f"compare={self.compare!r}, shadow={self.shadow!r}, counts={self.counts}, resets={self.resets})")
 
     # all or nothing -------------------------------------------------------------------------------
     def _scalars(self) -> dict:
         "The guard's own bookkeeping, as a failed call must leave it"
         return dict(counts=dict(self.counts), evaluations=dict(self.evaluations), last_choice=self.last_choice,
-                    steps=self.steps, _pending=self._pending, _provisional=self._provisional)
+                    steps=self.steps, _pending=self._pending, _provisional=self._provisional, resets=self.resets, _shadow=self._shadow)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -313,6 +401,7 @@ class Guard(Optimizer):
     def _rollback(self, txn: dict, params: list[Tensor]):
         for name, opt in (('learned', self.learned), ('fallback', self.fallback)):
             if name in txn['states']: restore_optimizer(opt, txn['states'][name])
+        if 'shadow' in txn: txn['shadow'][0].restore(txn['shadow'][1])
         if txn['entry'] is not None: txn['entry'].load()
         self._buf.points, self._buf.holding = txn['points'], None
         for p, g in zip(params, txn['grads']): p.grad = g
@@ -407,6 +496,7 @@ class Guard(Optimizer):
             entry, before = self._start()
             trainable = self._mark_entry()
             loss = self._resolve(closure, entry, for_step=True) if self._pending else self._gradient_here(closure)
+            if self.shadow is not None: self._shadow_step(closure, loss, trainable, entry)
             with_grad = [p for p in trainable if p.grad is not None]
             if self.grad_hook is not None: self.grad_hook(with_grad)
             if not all_finite([p.grad for p in with_grad]): self._fail("the gradient at the current parameters has NaN or inf entries")
@@ -435,8 +525,11 @@ class Guard(Optimizer):
         "Drop a pending decision if someone moved the parameters; note what the parameters hold"
         entry = {'step': self.steps}
         if self._pending and self._buf.differ(self._provisional):   # compares values: `p.data` writes leave no version behind
-            self._pending = False
+            self._pending, self._shadow = False, None
             entry['dropped'] = self.steps - 1
+        elif self._shadow is not None and not self._pending and self.last_choice in self._buf.points and self._buf.differ(self.last_choice):
+            self._shadow = None   # moved from outside: the shadow run starts again from where the parameters are
+            entry['shadow_restarted'] = True
         self._buf.holding = self._provisional if self._pending else None
         return entry, dict(self.evaluations)
 
@@ -460,7 +553,7 @@ class Guard(Optimizer):
         theta = buf[buf.holding] if buf.holding is not None and buf[buf.holding].holds(trainable) else buf.save('theta', trainable)
         for name, opt in (('fallback', self.fallback), ('learned', self.learned)):  # the fallback first: a learned optimizer that writes into p.grad cannot corrupt its step
             if name == 'learned': theta.load()   # the parameters hold theta before the fallback's step
-            states[name] = snapshot_optimizer(opt)
+            if name not in states: states[name] = snapshot_optimizer(opt)   # a reset may have saved the fallback's already
             opt.step()
             buf.save(name, trainable, check_finite=True)
 
@@ -476,6 +569,50 @@ class Guard(Optimizer):
         self.counts[choice] += 1
         self.last_choice = choice
         if self.record: entry.update(decided=decided, choice=choice, **info)
+
+    # the shadow run ---------------------------------------------------------------------------------
+    def _shadow_step(self, closure: Callable, loss: Tensor, trainable: list[Tensor], entry: dict):
+        "Take the shadow run's step on this minibatch; first reset the guarded run to the shadow's point if it has fallen behind"
+        params, run, buf = self._params, self._shadow, self._buf
+        if run is None or not run.holds(params):
+            run = self._shadow = ShadowRun(self.fallback, params)   # starts here: same point, same loss and gradient
+            grads = [None if p.grad is None else p.grad.clone() for p in params]
+            values = self._loss_values(loss) * 2
+            run.behind(*values, self.shadow, self.smoothing)   # starts the smoothed losses
+        else:
+            self._txn['shadow'] = (run, run.snapshot())
+            run.refresh_frozen(params)
+            here = buf.holding if buf.holding is not None and buf[buf.holding].holds(trainable) else None
+            if here is None: buf.save('theta', trainable); here = 'theta'
+            at_theta = [p.grad for p in params]
+            run.load_into(params); buf.holding = None
+            after = random_state(self._devices)
+            set_random_state(self._txn['rng'])          # the random draws of this step's forward: the same dropout masks
+            loss_s, recorder = self._forward(closure, grad=True)
+            self._backward(loss_s, speculative=True)    # reaches only the guard's parameters
+            grads = [p.grad for p in params]
+            recorder.restore(); set_random_state(after) # module buffers and the random stream follow the guarded run
+            values = self._loss_values(loss, loss_s)
+            if not (math.isfinite(values[1]) and all_finite([g for g in grads if g is not None])):
+                self._shadow = None   # the fallback alone has diverged: nothing to fall back to; it starts again next step
+                entry['shadow_restarted'] = True
+                grads = None
+            elif run.behind(*values, self.shadow, self.smoothing):
+                self._reset_to(run, grads, entry)   # gives the guarded run copies: the shadow's step takes `grads` over
+            if grads is None or 'reset' not in entry:
+                buf.load(here)
+                for p, g in zip(params, at_theta): p.grad = g
+        if grads is not None:
+            run.step(grads, self.fallback, self.grad_hook)
+            if self.record: entry.update(loss_shadow=values[1])
+
+    def _reset_to(self, run: 'ShadowRun', grads: list, entry: dict):
+        "The guarded run takes the shadow's point (already in the parameters), gradient and fallback state"
+        self._txn['states']['fallback'] = snapshot_optimizer(self.fallback)
+        for p, g in zip(self._params, grads): p.grad = None if g is None else g.clone()
+        run.copy_state_to(self.fallback, self._params)
+        self.resets += 1
+        entry['reset'] = True
 
     def _decide_now(self, closure, entry): raise NotImplementedError
     def _resolve(self, closure, entry, for_step): raise NotImplementedError
@@ -505,7 +642,8 @@ class Guard(Optimizer):
 
     def _guard_state(self) -> dict:
         s = {'counts': dict(self.counts), 'evaluations': dict(self.evaluations), 'last_choice': self.last_choice,
-             'steps': self.steps, 'pending': self._pending}
+             'steps': self.steps, 'pending': self._pending, 'resets': self.resets,
+             'shadow': None if self._shadow is None else self._shadow.state_dict()}
         if self._pending:
             index = {id(p): i for i, p in enumerate(self._params)}
             s.update(provisional=self._provisional, finite={c: self._buf.finite(c) for c in CHOICES},
@@ -516,7 +654,10 @@ class Guard(Optimizer):
     def _load_guard_state(self, s: dict):
         self.counts, self.evaluations = dict(s['counts']), dict(s['evaluations'])
         self.last_choice, self.steps, self._pending = s['last_choice'], s['steps'], s['pending']
-        self._buf = CandidateBuffers()
+        self._buf, self.resets, self._shadow = CandidateBuffers(), s.get('resets', 0), None
+        if s.get('shadow') is not None:
+            self._shadow = ShadowRun(self.fallback, self._params)
+            self._shadow.load_state_dict(s['shadow'])
         if self._pending:
             params = self._params
             saved = [params[i] for i in s['candidate_params']] if 'candidate_params' in s else [p for p in params if p.requires_grad]
@@ -594,9 +735,6 @@ class NaNProposer(Optimizer):
 # %% ../nbs/02_guards.ipynb #c21df795
 MU_SCHEMES = ('ema', 'geometric', 'recent_term', 'recent_max')
 
-def _check_fraction(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
 
 def graph_leaves(loss: Tensor) -> list[Tensor]:
     "The tensors whose `.grad` a `loss.backward()` would accumulate into"

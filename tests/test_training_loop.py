@@ -13,9 +13,21 @@ import torch
 from torch import nn
 
 from lgl2o import GradientGuard, LearnedOptimizer, LossGuard, load_pretrained
+from lgl2o.guards import Guard
 from lgl2o.learned import build_net
 
 GUARDS = [LossGuard, GradientGuard]
+
+
+@pytest.fixture(autouse=True, params=[None, 0.02], ids=['paper-rule', 'shadow'])
+def shadow(request, monkeypatch):
+    "Every test runs with each rule: the paper's alone, and with the fallback's shadow run (whose resets must not show either)"
+    init = Guard.__init__
+    def with_rule(self, *args, **kw):
+        kw.setdefault('shadow', request.param)
+        init(self, *args, **kw)
+    monkeypatch.setattr(Guard, '__init__', with_rule)
+    return request.param
 
 
 def regression_batches(n=12, batch=16, d=4, seed=0):
@@ -82,9 +94,16 @@ def assert_unchanged(before: dict, after: dict):
     assert_same_tensors(before['buffers'], after['buffers'])
     for k in ('learned', 'fallback'): assert_same_state(before[k]['state'], after[k]['state'])
     g0, g1 = before['guard'], after['guard']
-    assert {k: v for k, v in g0.items() if k != 'candidates'} == {k: v for k, v in g1.items() if k != 'candidates'}
+    tensors = ('candidates', 'shadow')
+    assert {k: v for k, v in g0.items() if k not in tensors} == {k: v for k, v in g1.items() if k not in tensors}
     if 'candidates' in g0:
         for c in g0['candidates']: assert_same_tensors(g0['candidates'][c], g1['candidates'][c])
+    assert (g0.get('shadow') is None) == (g1.get('shadow') is None)
+    if g0.get('shadow') is not None:
+        s0, s1 = g0['shadow'], g1['shadow']
+        assert_same_tensors(s0['params'], s1['params'])
+        assert_same_state(s0['optimizer']['state'], s1['optimizer']['state'])
+        assert s0['smoothed'] == s1['smoothed']
     assert torch.equal(before['rng'], after['rng']) and before['history'] == after['history']
 
 
