@@ -29,7 +29,8 @@ def main(folder):
     adam = lambda ps: torch.optim.Adam(ps, lr=0.05)
     lstm = lambda ps: LearnedOptimizer(ps, load_pretrained('lstm-mnist'))
     runs = {'plain SGD': None, 'LossGuard(SGD, SGD)': (LossGuard, sgd, sgd), 'LossGuard(Adam, SGD)': (LossGuard, adam, sgd),
-            'LossGuard(lstm-mnist, Adam)': (LossGuard, lstm, adam), 'GradientGuard(Adam, SGD)': (GradientGuard, adam, sgd)}
+            'LossGuard(lstm-mnist, Adam)': (LossGuard, lstm, adam), 'GradientGuard(Adam, SGD)': (GradientGuard, adam, sgd),
+            'LossGuard(SGD, SGD, shadow)': (LossGuard, sgd, sgd, 0.02), 'LossGuard(lstm-mnist, Adam, shadow)': (LossGuard, lstm, adam, 0.0)}
     out = {}
     for name, spec in runs.items():
         torch.manual_seed(2 + rank)   # different dropout masks on each process, as in real data-parallel training
@@ -41,11 +42,11 @@ def main(folder):
                 opt.zero_grad(); loss_of(ddp, b).backward(); opt.step()
             counts = None
         else:
-            cls, learned, fallback = spec
-            guard = cls(learned(ddp.parameters()), fallback(ddp.parameters()))
+            cls, learned, fallback, *shadow = spec
+            guard = cls(learned(ddp.parameters()), fallback(ddp.parameters()), shadow=(shadow or [None])[0])
             for b in shards[:6]: guard.step(lambda: loss_of(ddp, b))
             guard.resolve(lambda: loss_of(ddp, shards[6]))
-            counts = guard.counts
+            counts = {**guard.counts, 'resets': guard.resets}
         out[name] = {'params': [p.detach().flatten().tolist() for p in net.parameters()],
                      'buffers': [b.detach().flatten().tolist() for b in net.buffers()], 'counts': counts}
     json.dump(out, open(folder + f'/rank{rank}.json', 'w'))
@@ -68,18 +69,19 @@ def max_difference(a: list, b: list) -> float:
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize('run', ['plain SGD', 'LossGuard(SGD, SGD)', 'LossGuard(Adam, SGD)', 'LossGuard(lstm-mnist, Adam)',
-                                 'GradientGuard(Adam, SGD)'])
+                                 'GradientGuard(Adam, SGD)', 'LossGuard(SGD, SGD, shadow)', 'LossGuard(lstm-mnist, Adam, shadow)'])
 def test_replicas_stay_bit_identical(ranks, run):
     r0, r1 = ranks[0][run], ranks[1][run]
     assert r0['params'] == r1['params'], max_difference(r0['params'], r1['params'])
     assert r0['counts'] == r1['counts']
-    if r0['counts'] is not None: assert sum(r0['counts'].values()) == 6
+    if r0['counts'] is not None: assert r0['counts']['learned'] + r0['counts']['fallback'] == 6
 
 
 @pytest.mark.timeout(400)
 def test_a_guard_over_one_optimizer_twice_is_plain_ddp(ranks):
     "Averaged gradients, BatchNorm statistics and dropout masks as in the plain DDP loop"
     for r in ranks:
-        plain, guarded = r['plain SGD'], r['LossGuard(SGD, SGD)']
-        assert plain['params'] == guarded['params'] and plain['buffers'] == guarded['buffers']
+        plain = r['plain SGD']
+        for guarded in (r['LossGuard(SGD, SGD)'], r['LossGuard(SGD, SGD, shadow)']):
+            assert plain['params'] == guarded['params'] and plain['buffers'] == guarded['buffers']
     assert ranks[0]['LossGuard(Adam, SGD)']['params'] != ranks[0]['plain SGD']['params']   # the comparison is not vacuous
