@@ -370,6 +370,11 @@ class Guard(Optimizer):
         "Whether the last step's choice still waits for the next minibatch"
         return self._pending
 
+    @property
+    def shadow_run(self) -> ShadowRun | None:
+        "With `shadow`: the fallback's run alone (`.params`, its optimizer `.opt`); None before the first step or without `shadow`"
+        return self._shadow
+
     def __getstate__(self):
         "What deepcopy and pickle keep: both optimizers and the guard's state, not hooks or an LR scheduler's wrapper of `step` (as torch.optim)"
         return {k: v for k, v in self.__dict__.items() if k not in ('_txn', 'step') and not (k.startswith('_optimizer_') and k.endswith('_hooks'))}
