@@ -511,18 +511,21 @@ class Guard(Optimizer):
             elif self.compare == 'same': self._decide_now(closure, entry)
             else: self._hold()
             self.steps += 1
+            self._note_left(trainable)
             self._finish(entry, before, loss)
         return loss
 
     def resolve(self, closure: Callable[[], Tensor]) -> Tensor | None:
-        "Decide the pending step on `closure`'s minibatch without taking another; the chosen candidate's loss"
+        "Decide the pending step on `closure`'s minibatch without taking another (with `shadow`, reset if behind); the loss where the parameters are left"
         if not self._pending: return None
         with self._transaction():
             entry, before = self._start()
             if not self._pending: return None
-            self._mark_entry()
+            trainable = self._mark_entry()
             entry['step'] = None
             loss = self._resolve(closure, entry, for_step=False)
+            if self.shadow is not None: loss = self._shadow_check(closure, loss, trainable, entry)
+            self._note_left(trainable)
             self._finish(entry, before, loss)
         return loss
 
@@ -532,7 +535,7 @@ class Guard(Optimizer):
         if self._pending and self._buf.differ(self._provisional):   # compares values: `p.data` writes leave no version behind
             self._pending, self._shadow = False, None
             entry['dropped'] = self.steps - 1
-        elif self._shadow is not None and not self._pending and self.last_choice in self._buf.points and self._buf.differ(self.last_choice):
+        elif self._shadow is not None and not self._pending and 'left' in self._buf.points and self._buf.differ('left'):
             self._shadow = None   # moved from outside: the shadow run starts again from where the parameters are
             entry['shadow_restarted'] = True
         self._buf.holding = self._provisional if self._pending else None
@@ -585,39 +588,67 @@ class Guard(Optimizer):
             values = self._loss_values(loss) * 2
             run.behind(*values, self.shadow, self.smoothing)   # starts the smoothed losses
         else:
-            self._txn['shadow'] = (run, run.snapshot())
-            run.refresh_frozen(params)
-            here = buf.holding if buf.holding is not None and buf[buf.holding].holds(trainable) else None
-            if here is None: buf.save('theta', trainable); here = 'theta'
-            at_theta = [p.grad for p in params]
-            run.load_into(params); buf.holding = None
-            after = random_state(self._devices)
-            set_random_state(self._txn['rng'])          # the random draws of this step's forward: the same dropout masks
-            loss_s, recorder = self._forward(closure, grad=True)
-            self._backward(loss_s, speculative=True)    # reaches only the guard's parameters
-            grads = [p.grad for p in params]
-            recorder.restore(); set_random_state(after) # module buffers and the random stream follow the guarded run
+            loss_s, grads, here = self._evaluate_shadow(closure, trainable, grad=True)
             values = self._loss_values(loss, loss_s)
             if not (math.isfinite(values[1]) and all_finite([g for g in grads if g is not None])):
                 self._shadow = None   # the fallback alone has diverged: nothing to fall back to; it starts again next step
                 entry['shadow_restarted'] = True
                 grads = None
-            elif run.behind(*values, self.shadow, self.smoothing):
-                self._reset_to(run, grads, entry)   # gives the guarded run copies: the shadow's step takes `grads` over
-            if grads is None or 'reset' not in entry:
                 buf.load(here)
-                for p, g in zip(params, at_theta): p.grad = g
+            elif run.behind(*values, self.shadow, self.smoothing): self._reset_to(run, entry, grads)
+            else: buf.load(here)
         if grads is not None:
-            run.step(grads, self.fallback, self.grad_hook)
+            run.step(grads, self.fallback, self.grad_hook)   # takes `grads` over: a reset gave the guarded run copies
             if self.record: entry.update(loss_shadow=values[1])
 
-    def _reset_to(self, run: 'ShadowRun', grads: list, entry: dict):
-        "The guarded run takes the shadow's point (already in the parameters), gradient and fallback state"
+    def _shadow_check(self, closure: Callable, loss: Tensor, trainable: list[Tensor], entry: dict) -> Tensor:
+        "At a decision without a step (`resolve`): reset to the shadow's point if the guarded run has fallen behind; the loss where the parameters are left"
+        run = self._shadow
+        if run is None or not run.holds(self._params): return loss
+        loss_s, _, here = self._evaluate_shadow(closure, trainable, grad=False)
+        values = self._loss_values(loss, loss_s)
+        if self.record: entry.update(loss_shadow=values[1])
+        if math.isfinite(values[1]) and run.behind(*values, self.shadow, self.smoothing):
+            self._reset_to(run, entry)
+            return loss_s.detach()
+        self._buf.load(here)
+        return loss
+
+    def _evaluate_shadow(self, closure: Callable, trainable: list[Tensor], grad: bool) -> tuple:
+        "The loss at the shadow's point (left in the parameters), its gradient if `grad` (the parameters' `.grad` unchanged), and the name of the point the parameters held"
+        run, buf, params = self._shadow, self._buf, self._params
+        self._txn['shadow'] = (run, run.snapshot())
+        run.refresh_frozen(params)
+        here = buf.holding if buf.holding is not None and buf[buf.holding].holds(trainable) else None
+        if here is None: buf.save('theta', trainable); here = 'theta'
+        run.load_into(params); buf.holding = None
+        after = random_state(self._devices)
+        set_random_state(self._txn['rng'])          # the random draws of this call's forward: the same dropout masks
+        loss_s, recorder = self._forward(closure, grad=grad)
+        grads = None
+        if grad:
+            kept = [p.grad for p in params]
+            self._backward(loss_s, speculative=True)    # reaches only the guard's parameters
+            grads = [p.grad for p in params]
+            for p, g in zip(params, kept): p.grad = g
+        recorder.restore(); set_random_state(after) # module buffers and the random stream follow the guarded run
+        return loss_s, grads, here
+
+    def _reset_to(self, run: 'ShadowRun', entry: dict, grads: list | None = None):
+        "The guarded run takes the shadow's point (already in the parameters), fallback state and, for a step, gradient"
         self._txn['states']['fallback'] = snapshot_optimizer(self.fallback)
-        for p, g in zip(self._params, grads): p.grad = None if g is None else g.clone()
+        if grads is not None:
+            for p, g in zip(self._params, grads): p.grad = None if g is None else g.clone()
         run.copy_state_to(self.fallback, self._params)
         self.resets += 1
         entry['reset'] = True
+
+    def _note_left(self, trainable: list[Tensor]):
+        "Where this call leaves the parameters, so that the next call can tell whether they were moved from outside"
+        buf = self._buf
+        if self._shadow is None: return
+        if buf.holding is not None and buf[buf.holding].holds(trainable): buf.points['left'] = buf.points[buf.holding]
+        else: buf.save('left', trainable)
 
     def _decide_now(self, closure, entry): raise NotImplementedError
     def _resolve(self, closure, entry, for_step): raise NotImplementedError

@@ -198,3 +198,32 @@ def test_a_shadow_step_costs_one_forward_and_one_backward_more(compare):
     assert per_call[0] == ((1, 1) if compare == 'next' else (3, 1))   # the shadow starts at the same point: nothing to evaluate
     if compare == 'same': assert set(per_call[1:]) == {(4, 2)}        # gradient, two candidates, the shadow
     else: assert set(per_call[1:]) <= {(3, 2), (4, 2)}                 # as the paper rule (2 or 3 forwards), plus the shadow's
+
+
+def test_resolve_resets_to_the_shadow_when_behind():
+    "The last decision of a run (resolve) also checks the shadow: a run behind at its end ends at the fallback alone's point"
+    batches = regression(12)
+    m = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m.parameters(), lr=0.3), torch.optim.Adam(m.parameters(), lr=0.01), shadow=0.02, record=True)
+    for b in batches[:10]: g.step(lambda: mse(m, b))
+    assert g.pending
+    g.shadow_run.smoothed = (10.0, 1.0)   # as if the guarded run had fallen far behind
+    loss = g.resolve(lambda: mse(m, batches[10]))
+    assert g.history[-1]['reset'] and g.resets == 1
+    for p, s in zip(m.parameters(), g.shadow_run.params): assert torch.equal(p, s)
+    with torch.no_grad(): assert loss.item() == mse(m, batches[10]).item() == g.history[-1]['loss_shadow']
+    g.step(lambda: mse(m, batches[11]))                  # training goes on from there: no outside change is detected
+    assert not g.history[-1].get('shadow_restarted')
+
+
+def test_resolve_keeps_the_choice_when_not_behind():
+    batches = regression(12)
+    m = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m.parameters(), lr=0.3), torch.optim.Adam(m.parameters(), lr=0.01), shadow=0.02, record=True)
+    for b in batches[:10]: g.step(lambda: mse(m, b))
+    g.shadow_run.smoothed = (1.0, 10.0)   # far ahead
+    g.resolve(lambda: mse(m, batches[10]))
+    h = g.history[-1]
+    assert not h.get('reset') and g.resets == 0 and 'loss_shadow' in h
+    held = g._buf[h['choice']]
+    for p, v in zip(held.params, held.views): assert torch.equal(p, v)
