@@ -288,15 +288,6 @@ class ShadowRun:
             if s in self.opt.state: fallback.state[p] = {k: _copied(v) for k, v in self.opt.state[s].items()}
             else: fallback.state.pop(p, None)
 
-    def snapshot(self) -> tuple:
-        return snapshot_optimizer(self.opt), [s.clone() for s in self.params], self.smoothed
-
-    @torch.no_grad()
-    def restore(self, snap: tuple):
-        state, values, self.smoothed = snap
-        restore_optimizer(self.opt, state)
-        torch._foreach_copy_(self.params, values)
-
     def state_dict(self) -> dict:
         return {'params': [s.clone() for s in self.params], 'optimizer': self.opt.state_dict(), 'smoothed': self.smoothed}
 
@@ -406,13 +397,14 @@ class Guard(Optimizer):
     def _rollback(self, txn: dict, params: list[Tensor]):
         for name, opt in (('learned', self.learned), ('fallback', self.fallback)):
             if name in txn['states']: restore_optimizer(opt, txn['states'][name])
-        if 'shadow' in txn: txn['shadow'][0].restore(txn['shadow'][1])
+        if 'shadow' in txn: txn['shadow'][0].smoothed = txn['shadow'][1]
         if txn['entry'] is not None: txn['entry'].load()
         self._buf.points, self._buf.holding = txn['points'], None
         for p, g in zip(params, txn['grads']): p.grad = g
         for recorder in reversed(txn['buffers']): recorder.restore()   # the earliest saved values are written last
         set_random_state(txn['rng'])
         for k, v in txn['scalars'].items(): setattr(self, k, v)
+        if txn.get('shadow_broken'): self._shadow = None
 
     def _mark_entry(self) -> list[Tensor]:
         "Keep the parameters as the call found them where a rollback finds them; the parameters that take part"
@@ -512,6 +504,7 @@ class Guard(Optimizer):
             else: self._hold()
             self.steps += 1
             self._note_left(trainable)
+            self._shadow_step_last()
             self._finish(entry, before, loss)
         return loss
 
@@ -598,8 +591,17 @@ class Guard(Optimizer):
             elif run.behind(*values, self.shadow, self.smoothing): self._reset_to(run, entry, grads)
             else: buf.load(here)
         if grads is not None:
-            run.step(grads, self.fallback, self.grad_hook)   # takes `grads` over: a reset gave the guarded run copies
+            self._txn['shadow_grads'] = grads   # its step is the call's last change (`_shadow_step_last`): nothing after it can fail
             if self.record: entry.update(loss_shadow=values[1])
+
+    def _shadow_step_last(self):
+        "The shadow run's own step, from the gradient `_shadow_step` computed; if it fails, the shadow starts again at the next step"
+        grads = self._txn.pop('shadow_grads', None)
+        if grads is None: return
+        try: self._shadow.step(grads, self.fallback, self.grad_hook)   # takes `grads` over: a reset gave the guarded run copies
+        except BaseException:
+            self._txn['shadow_broken'] = True   # half a step of its optimizer cannot be undone without copying its state at every step
+            raise
 
     def _shadow_check(self, closure: Callable, loss: Tensor, trainable: list[Tensor], entry: dict) -> Tensor:
         "At a decision without a step (`resolve`): reset to the shadow's point if the guarded run has fallen behind; the loss where the parameters are left"
@@ -617,7 +619,7 @@ class Guard(Optimizer):
     def _evaluate_shadow(self, closure: Callable, trainable: list[Tensor], grad: bool) -> tuple:
         "The loss at the shadow's point (left in the parameters), its gradient if `grad` (the parameters' `.grad` unchanged), and the name of the point the parameters held"
         run, buf, params = self._shadow, self._buf, self._params
-        self._txn['shadow'] = (run, run.snapshot())
+        self._txn['shadow'] = (run, run.smoothed)   # its tensors change only in `_shadow_step_last`
         run.refresh_frozen(params)
         here = buf.holding if buf.holding is not None and buf[buf.holding].holds(trainable) else None
         if here is None: buf.save('theta', trainable); here = 'theta'

@@ -227,3 +227,35 @@ def test_resolve_keeps_the_choice_when_not_behind():
     assert not h.get('reset') and g.resets == 0 and 'loss_shadow' in h
     held = g._buf[h['choice']]
     for p, v in zip(held.params, held.views): assert torch.equal(p, v)
+
+
+class Boom(Exception): pass
+
+
+class FailingAdam(torch.optim.Adam):
+    fail = False
+    def step(self, closure=None):
+        if self.fail: raise Boom()
+        return super().step(closure)
+
+
+def test_a_failing_shadow_step_changes_nothing_else_and_the_shadow_starts_again():
+    batches = regression(8)
+    m = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m.parameters(), lr=0.3), FailingAdam(m.parameters(), lr=0.01), shadow=0.02, record=True)
+    for b in batches[:4]: g.step(lambda: mse(m, b))
+    g.shadow_run.opt.fail = True   # only the shadow's copy fails
+    params = [p.detach().clone() for p in m.parameters()]
+    grads = [p.grad.clone() for p in m.parameters()]
+    states = copy.deepcopy((g.learned.state_dict(), g.fallback.state_dict()))
+    counts, steps, history = dict(g.counts), g.steps, len(g.history)
+    with pytest.raises(Boom): g.step(lambda: mse(m, batches[4]))
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, m.parameters()))
+    for before, opt in zip(states, (g.learned, g.fallback)):
+        after = opt.state_dict()['state']
+        for i in before['state']:
+            for k in before['state'][i]: assert torch.equal(torch.as_tensor(before['state'][i][k]), torch.as_tensor(after[i][k]))
+    assert (g.counts, g.steps, len(g.history), g.shadow_run) == (counts, steps, history, None)
+    g.step(lambda: mse(m, batches[4]))   # the loop goes on; the shadow starts again where the parameters are
+    assert g.shadow_run is not None and not g.shadow_run.opt.fail
