@@ -62,8 +62,8 @@ def test_guards_notebook_results(run_notebook):
     for sc in (agg, good):   # LossGuard: one gradient per step; GradientGuard: up to two
         assert sc['LossGuard (next)']['backward_per_step'] == 1.0
         assert sc['LossGuard (next)']['backward_per_step'] < sc['GradientGuard (same)']['backward_per_step']
-    s = r['shadow']   # two spirals, LSTM optimizer guarded by tuned Adam
-    assert s['final_train_loss']['paper rule'] > 1.3 * s['final_train_loss']['Adam alone'] >= s['final_train_loss']['shadow run'] / 1.05
+    ratio = {(row['case'], row['method']): row['ratio to fallback alone'] for row in r['shadow']['table']}
+    assert ratio['LSTM optimizer guarded by Adam', 'paper rule'] > 1.3 and ratio['LSTM optimizer guarded by Adam', 'shadow run'] <= 1.05
     t = r['timing']
     assert all(t[k]['ratio_to_unguarded'] > 0 for k in ('LossGuard', 'GradientGuard'))   # the figures exist; the target is lgl2o-bench's to print
     assert t['LossGuard']['evaluations']['backward'] < t['GradientGuard']['evaluations']['backward']
