@@ -139,3 +139,14 @@ def test_gl2o_anatomy_shows_the_saturation_mechanism(run_notebook):
     assert kept.loc['learned (kept)', 'training loss (median)'] > 0.85 * math.log(10)
     assert table['GL2O final loss'].mean() > table['SGD alone final loss'].mean()
     assert not any(row['at_edge'] for row in r['tuned_lrs'])
+
+
+def test_divergence_is_judged_above_the_minimum():
+    "The quadratic's raw loss starts near zero on seed 0: a rise that is small next to the gap to the minimum is no divergence"
+    from lgl2o.bench import train
+    task = scenarios()['quadratic'].make_task()
+    rows = train(task, Contender('adam'), 5, 0, {'adam': 30.0}, {}, eval_every=5)
+    assert abs(rows[1]['batch_loss']) < 1 and max(r['batch_loss'] for r in rows[1:]) > 1000   # from about 0 to above 1000 ...
+    assert len(rows) == 6 and not rows[-1]['diverged']                                        # ... and on to the end
+    rows = train(task, Contender('adam'), 5, 0, {'adam': 1e5}, {}, eval_every=5)
+    assert rows[-1]['diverged']                                                               # a real divergence still stops the run
