@@ -19,16 +19,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .guards import GradientGuard, Guard, LossGuard
+from .guards import GradientGuard, Guard, LossGuard, grad_norm
 from .learned import LearnedNet, LearnedOptimizer
 from .pretrained import load_pretrained
 from .tasks import MLPTask, QuadraticTask, Task, mnist_mlp, mnist_subset, spirals_mlp
 
 # %% auto #0
-__all__ = ['KINDS', 'FALLBACKS', 'LR_GRID', 'TUNING_SEED', 'COST_TARGETS', 'Contender', 'build_optimizer', 'Scenario',
-           'scenarios', 'contenders', 'train', 'tune_lr', 'BenchmarkResult', 'run_benchmark', 'summarize',
-           'guard_verdicts', 'plot_losses', 'plot_choices', 'step_times', 'cost_ratios', 'ratio_lines',
-           'markdown_table', 'write_report']
+__all__ = ['KINDS', 'FALLBACKS', 'LR_GRID', 'TUNING_SEED', 'DEFAULT_NETS', 'DASHES', 'SAME_BATCH_DASHES', 'COLOURS',
+           'COST_TARGETS', 'Contender', 'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr',
+           'tuned_lrs', 'BenchmarkResult', 'run_benchmark', 'summarize', 'guard_verdicts', 'verdict_note',
+           'optimizer_names', 'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses', 'plot_choices',
+           'step_times', 'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy']
 
 # %% ../nbs/05_bench.ipynb #adf8c034
 KINDS = ('sgd', 'adam', 'learned', 'lgl2o', 'gl2o')
@@ -91,6 +92,11 @@ class Scenario:
     def with_steps(self, steps: int) -> Scenario:
         return replace(self, steps=steps, eval_every=max(1, steps // 10))
 
+    def config(self, task: Task | None = None) -> dict:
+        "The scenario as the results record it: its settings, and its task by class and arguments instead of the function that builds it"
+        task = task if task is not None else self.make_task()
+        return {**{k: v for k, v in asdict(self).items() if k != 'make_task'}, 'task': task.config}
+
 # %% ../nbs/05_bench.ipynb #baf82baf
 def scenarios(full: bool = False) -> dict[str, Scenario]:
     "The benchmark's scenarios; `full` adds the 100x horizon and lengthens the architecture, spirals and ablation runs"
@@ -132,11 +138,12 @@ def train(task: Task,            # what to optimize
           lrs: dict,             # tuned learning rates of SGD and Adam
           nets: dict,            # pretrained nets by name
           eval_every: int = 10,  # evaluate the full splits every this many steps
-          diverge_factor: float = 1e3) -> list[dict]:  # stop when the loss exceeds this times its start
+          diverge_factor: float = 1e3) -> list[dict]:  # stop when the loss (above the minimum, if known) exceeds this times its start
     "Train one contender on one task from one seed; one row per step"
     model = task.init(seed)
     opt = build_optimizer(contender, list(model.parameters()), lrs, nets)
     batches, rows, start, choices = task.batches(seed), [], None, {}
+    floor = getattr(task, 'optimum', 0.0)   # a quadratic's raw loss can start near zero, or below it: judge the gap to its minimum
     rows.append({'step': 0, **_evaluate(task, model)})
     for t in range(1, steps + 1):
         batch = next(batches)
@@ -144,8 +151,8 @@ def train(task: Task,            # what to optimize
         try: loss = opt.step(task.closure(model, batch, None if contender.guarded else opt)).item()
         except FloatingPointError: loss = math.nan  # a guard refuses a step only when both candidates are non-finite
         row = {'step': t, 'batch_loss': loss, 'seconds': time.perf_counter() - tic}
-        start = loss if start is None else start
-        diverged = not math.isfinite(loss) or loss > diverge_factor * max(abs(start), 1e-12)
+        start = loss - floor if start is None else start
+        diverged = not math.isfinite(loss) or loss - floor > diverge_factor * max(abs(start), 1e-12)
         if t % eval_every == 0 or t == steps or diverged:
             if contender.guarded and (t == steps or diverged) and opt.pending and not diverged:
                 nxt = next(batches)
@@ -166,7 +173,8 @@ def _attach_choices(rows: list[dict], guard: Guard):
         r['forward'], r['backward'] = e.get('forward'), e.get('backward')
 
 # %% ../nbs/05_bench.ipynb #39c64e77
-LR_GRID = {'sgd': [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0], 'adam': [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]}
+LR_GRID = {'sgd': [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+           'adam': [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0]}
 TUNING_SEED = 10_000  # no evaluation run uses it
 
 def tune_lr(task: Task, kind: str, steps: int, grid: dict = LR_GRID) -> tuple[float, list[dict]]:
@@ -178,6 +186,12 @@ def tune_lr(task: Task, kind: str, steps: int, grid: dict = LR_GRID) -> tuple[fl
         score = last['train_loss'] if not last.get('diverged') and math.isfinite(last['train_loss']) else math.inf
         trials.append({'kind': kind, 'lr': lr, 'final_train_loss': score})
     return min(trials, key=lambda r: r['final_train_loss'])['lr'], trials
+
+def tuned_lrs(tuning: pd.DataFrame, grid: dict = LR_GRID) -> pd.DataFrame:
+    "The learning rate chosen per scenario and kind in a tuning table, and whether it lies at an end of its grid"
+    best = tuning.loc[tuning.groupby(['scenario', 'kind'], sort=False)['final_train_loss'].idxmin()]
+    edges = best.apply(lambda r: r['lr'] in (min(grid[r['kind']]), max(grid[r['kind']])), axis=1)
+    return best[['scenario', 'kind', 'lr', 'final_train_loss']].assign(at_edge=edges.astype(bool)).reset_index(drop=True)
 
 # %% ../nbs/05_bench.ipynb #7748b023
 @dataclass
@@ -197,9 +211,11 @@ class BenchmarkResult:
         return paths
 
 # %% ../nbs/05_bench.ipynb #2bda873c
+DEFAULT_NETS = ('lstm-mnist', 'mlp-mnist')   # the learned optimizers of the default suite: the paper's LSTM and the per-parameter MLP
+
 def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run: names in `scenarios(full)` or `Scenario`s of your own (default: all of `scenarios(full)`)
                   seeds: list[int] = (0, 1, 2),     # evaluation seeds
-                  nets: list[str] = ('lstm-mnist',),  # pretrained learned optimizers to include
+                  nets: list[str] = DEFAULT_NETS,   # pretrained learned optimizers to include
                   full: bool = False,               # long horizons (10x and 100x) and the longer spirals run
                   tune_steps: int = 200,            # cap on the tuning horizon
                   max_steps: int | None = None,     # shorten every scenario to at most this many steps (quick runs)
@@ -228,7 +244,7 @@ def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run
         key = (json.dumps(task.config, sort_keys=True, default=str), sc.steps, c, seed)
         if key not in cache: cache[key] = train(task, c, sc.steps, seed, lrs[sc.name], loaded, sc.eval_every)
         rows += [{'scenario': sc.name, 'optimizer': c.name, **asdict(c), 'seed': seed, **r} for r in cache[key]]
-    config = {'scenarios': {sc.name: {**asdict(sc), 'task': tasks[sc.name].config} for sc in chosen}, 'seeds': list(seeds),
+    config = {'scenarios': {sc.name: sc.config(tasks.get(sc.name)) for sc in chosen}, 'seeds': list(seeds),
               'nets': list(nets), 'full': full, 'tune_steps': tune_steps, 'max_steps': max_steps, 'lr_grid': LR_GRID, 'tuning_seed': TUNING_SEED,
               'learning_rates': lrs, 'contenders': {sc.name: [asdict(c) | {'name': c.name} for c in contenders(sc, list(nets))] for sc in chosen},
               'versions': {'torch': torch.__version__, 'python': platform.python_version()}}
@@ -273,29 +289,77 @@ def guard_verdicts(summary: pd.DataFrame, tolerance: float = 0.05) -> pd.DataFra
                      'within_tolerance': bool(r['train_loss'] <= (1 + tolerance) * best)})
     return pd.DataFrame(rows)
 
+def verdict_note(summary: pd.DataFrame, tolerance: float = 0.05) -> str:
+    "What the verdict table compares, and with what tolerance, in words for the report"
+    n = sorted({int(s) for s in summary['seeds']})
+    seeds = f"{n[0]} seed{'s' if n[0] > 1 else ''}" if len(n) == 1 else f"{n[0]} to {n[-1]} seeds"
+    return (f"Each guard's final training loss (on the full training split, above the minimum for the quadratic; mean over {seeds}) "
+            f"against the better of its two components run alone in the same scenario: the unguarded learned optimizer and the guard's "
+            f"fallback, each with the same seeds. `ratio` is the guard's loss over that better one; within tolerance means at most "
+            f"{tolerance:.0%} above it. `diverged` counts the guard's diverged seeds.")
+
 # %% ../nbs/05_bench.ipynb #64ea28b0
-def plot_losses(steps: pd.DataFrame, path: Path | None = None, col_wrap: int = 3):
-    "Training loss over steps, one panel per scenario, a band across seeds"
+DASHES = {'sgd': '', 'adam': '', 'learned': (1, 1.5), 'lgl2o': (5, 2), 'gl2o': (6, 2, 1.5, 2)}   # line style per contender kind
+SAME_BATCH_DASHES = (2.5, 1.5)   # LGL2O deciding on its own minibatch (the ablation)
+COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf',
+           '#393b79', '#e7ba52', '#637939', '#ad494a', '#a55194', '#6b6ecf', '#8ca252', '#843c39', '#7b4173', '#5254a3']
+
+def optimizer_names(steps: pd.DataFrame) -> list[str]:
+    "The optimizers of a step table, in the order `contenders` lists them (then any others, in order of appearance)"
+    nets = [n for n in dict.fromkeys(steps['net']) if isinstance(n, str)] if 'net' in steps else []
+    canonical = [c.name for c in contenders(Scenario('all', '', None, ablation=True), nets)]
+    present = list(dict.fromkeys(steps['optimizer']))
+    return [n for n in canonical if n in present] + [n for n in present if n not in canonical]
+
+def optimizer_palette(steps: pd.DataFrame) -> dict:
+    "One colour per optimizer name, the same in every figure drawn with it"
+    return {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(optimizer_names(steps))}
+
+def optimizer_dashes(steps: pd.DataFrame) -> dict:
+    "One line style per optimizer name, by its kind"
+    first = steps.drop_duplicates('optimizer').set_index('optimizer')
+    def dash(name):
+        r = first.loc[name]
+        return SAME_BATCH_DASHES if r.get('compare') == 'same' and r['kind'] == 'lgl2o' else DASHES.get(r['kind'], '')
+    return {n: dash(n) for n in optimizer_names(steps)}
+
+def scenario_order(steps: pd.DataFrame) -> list[str]: return list(dict.fromkeys(steps['scenario']))
+
+def _seeds(steps: pd.DataFrame) -> str:
+    n = steps['seed'].nunique()
+    return f"{n} seed{'s' if n > 1 else ''}"
+
+def plot_losses(steps: pd.DataFrame, path: Path | None = None, col_wrap: int = 3, palette: dict | None = None):
+    "Training loss over steps, one panel per scenario: the mean over seeds and a band of one standard deviation"
     import seaborn as sns
+    palette = palette or optimizer_palette(steps)
     data = steps.dropna(subset=['train_loss'])
     data = data[np.isfinite(data['train_loss'])]
-    g = sns.relplot(data=data, x='step', y='train_loss', hue='optimizer', col='scenario', kind='line',
+    names = [n for n in palette if n in set(data['optimizer'])]
+    g = sns.relplot(data=data, x='step', y='train_loss', hue='optimizer', hue_order=names, palette=palette, style='optimizer',
+                    style_order=names, dashes=optimizer_dashes(steps), col='scenario', col_order=scenario_order(data), kind='line',
                     errorbar='sd', col_wrap=min(col_wrap, data['scenario'].nunique()), height=3, aspect=1.3,
                     facet_kws={'sharex': False, 'sharey': False})
     g.set(yscale='log'); g.set_titles('{col_name}'); g.set_axis_labels('step', 'training loss (full split)')
+    if g.legend is not None: g.legend.set_title(f"optimizer\nline: mean over {_seeds(data)}\nband: ±1 sd across seeds")
     if path: g.savefig(path, dpi=110)
     return g
 
-def plot_choices(steps: pd.DataFrame, path: Path | None = None, window: int = 10):
+def plot_choices(steps: pd.DataFrame, path: Path | None = None, window: int = 10, col_wrap: int = 3, palette: dict | None = None):
     "Fraction of seeds in which each guard kept the learned candidate, smoothed over `window` steps"
     import seaborn as sns
-    if 'choice' not in steps: return None
+    if 'choice' not in steps or steps['choice'].isna().all(): return None
+    palette = palette or optimizer_palette(steps)
     data = steps.dropna(subset=['choice']).assign(learned=lambda d: (d['choice'] == 'learned').astype(float))
-    data = data.groupby(['scenario', 'optimizer', 'step'], as_index=False)['learned'].mean()
-    data['learned'] = data.groupby(['scenario', 'optimizer'])['learned'].transform(lambda s: s.rolling(window, min_periods=1).mean())
-    g = sns.relplot(data=data, x='step', y='learned', hue='optimizer', col='scenario', kind='line',
-                    col_wrap=min(3, data['scenario'].nunique()), height=3, aspect=1.3, facet_kws={'sharex': False})
+    seeds = _seeds(data)
+    data = data.groupby(['scenario', 'optimizer', 'step'], as_index=False, sort=False)['learned'].mean()
+    data['learned'] = data.groupby(['scenario', 'optimizer'], sort=False)['learned'].transform(lambda s: s.rolling(window, min_periods=1).mean())
+    names = [n for n in palette if n in set(data['optimizer'])]
+    g = sns.relplot(data=data, x='step', y='learned', hue='optimizer', hue_order=names, palette=palette, style='optimizer',
+                    style_order=names, dashes=optimizer_dashes(steps), col='scenario', col_order=scenario_order(steps), kind='line',
+                    col_wrap=min(col_wrap, data['scenario'].nunique()), height=3, aspect=1.3, facet_kws={'sharex': False})
     g.set(ylim=(-0.05, 1.05)); g.set_titles('{col_name}'); g.set_axis_labels('step', 'learned candidate kept')
+    if g.legend is not None: g.legend.set_title(f"guard\nfraction of {seeds},\nmean over {window} steps")
     if path: g.savefig(path, dpi=110)
     return g
 
@@ -333,44 +397,109 @@ def cost_ratios(times: pd.DataFrame, nets: list[str]) -> dict:
     out.update({f'{n}/Adam': t[n] / t['Adam'] for n in nets})
     return out
 
-COST_TARGETS = {'LGL2O/unguarded (lstm-mnist)': 1.10, 'mlp-mnist/Adam': 3.0}   # the project's targets, by ratio name
+COST_TARGETS = {   # the project's targets, by ratio name: (the largest ratio that meets it, where it comes from)
+    'LGL2O/unguarded (lstm-mnist)': (1.10, "the loss guard adds one forward pass and no backward pass to a step, which on the paper's "
+                                           "LSTM optimizer should cost at most 10% of the unguarded step"),
+    'mlp-mnist/Adam': (3.0, "the per-parameter MLP is the learned optimizer meant to be cheap: at most three Adam steps "
+                            "(about 2.5 measured on an idle machine, see lgl2o.learned)")}
 
 def ratio_lines(ratios: dict) -> str:
-    "The ratios as markdown bullets, each with its target and whether this run met it"
+    "The ratios as markdown bullets, each with its target, whether this run met it, and where the target comes from"
     def line(name, value):
-        target = COST_TARGETS.get(name)
-        verdict = '' if target is None else f" (target <= {target:.2f}: {'met' if value <= target else 'missed'})"
+        target, why = COST_TARGETS.get(name, (None, None))
+        verdict = ' (no target)' if target is None else f" (target <= {target:.2f}: {'met' if value <= target else 'missed'}; {why})"
         return f'- {name}: {value:.3f}{verdict}'
     return '\n'.join(line(k, v) for k, v in ratios.items())
 
 # %% ../nbs/05_bench.ipynb #99e8ca8b
 def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
-    "`df` as a GitHub markdown table, floats to `digits` significant digits"
+    "`df` as a GitHub markdown table, floats to `digits` significant digits; a missing value (NaN, None) is an empty cell"
     def cell(v):
-        if isinstance(v, (float, np.floating)): return 'nan' if math.isnan(v) else f'{v:.{digits}g}'
+        if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)): return ''
+        if isinstance(v, (float, np.floating)): return f'{v:.{digits}g}'
         return str(v)
     lines = ['| ' + ' | '.join(map(str, df.columns)) + ' |', '|' + '|'.join('---' for _ in df.columns) + '|']
     lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in df.itertuples(index=False)]
     return '\n'.join(lines)
 
 # %% ../nbs/05_bench.ipynb #bb8ae55f
-def write_report(result: BenchmarkResult, out: Path, nets: dict, timing_steps: int = 50, figures: bool = True) -> str:
+def write_report(result: BenchmarkResult, out: Path, nets: dict, timing_steps: int = 50, figures: bool = True,
+                 tolerance: float = 0.05) -> str:
     "Save tables, summary, verdicts, cost figures and plots of `result` into `out`; the markdown report"
     out = Path(out)
     result.save(out)
     summary = summarize(result.steps)
-    verdicts = guard_verdicts(summary)
+    verdicts = guard_verdicts(summary, tolerance)
     times = step_times(nets, steps=timing_steps)
     ratios = cost_ratios(times, list(nets))
     verdicts.to_csv(out / 'verdicts.csv', index=False)
     times.to_csv(out / 'step_times.csv', index=False)
     (out / 'cost_ratios.json').write_text(json.dumps(ratios, indent=1))
+    parts = ['## Summary (final losses: mean over seeds)', markdown_table(summary),
+             '## LGL2O and GL2O against the better of their two components', verdict_note(summary, tolerance), markdown_table(verdicts),
+             '## Cost per step on the MNIST MLP (median ms)', markdown_table(times, 3),
+             'CPU-time ratios, each with its target where the project sets one, and where that target comes from:', ratio_lines(ratios)]
     if figures:
-        plot_losses(result.steps, out / 'losses.png')
-        plot_choices(result.steps, out / 'guard_choices.png')
-    text = '\n\n'.join(['## Summary (final losses: mean over seeds)', markdown_table(summary),
-                         '## LGL2O and GL2O against the better of their two components', markdown_table(verdicts),
-                         '## Cost per step on the MNIST MLP (median ms)', markdown_table(times, 3),
-                         ratio_lines(ratios)])
+        palette = optimizer_palette(result.steps)   # one colour per optimizer in both figures
+        plot_losses(result.steps, out / 'losses.png', palette=palette)
+        drawn = [f"- `losses.png`: training loss on the full training split, one panel per scenario; line: mean over "
+                 f"{_seeds(result.steps)}, band: ±1 sd across seeds."]
+        if plot_choices(result.steps, out / 'guard_choices.png', palette=palette) is not None:
+            drawn.append("- `guard_choices.png`: the fraction of seeds in which each guard kept the learned candidate, smoothed over 10 steps.")
+        drawn.append("- Every figure draws an optimizer in the same colour, and each kind in its own line style: baselines solid, "
+                     "learned optimizers alone dotted, LGL2O dashed, GL2O dash-dotted.")
+        parts += ['## Figures', '\n'.join(drawn)]
+    text = '\n\n'.join(parts)
     (out / 'summary.md').write_text(text + '\n')
     return text
+
+# %% ../nbs/05_bench.ipynb #4b78815b
+def hidden_slope(model: nn.Module, x: torch.Tensor) -> float:
+    "Mean slope of the sigmoid hidden units on inputs `x`, as a fraction of their slope at 0 (1: linear regime, 0: saturated); nan without sigmoids"
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o)) for m in model.modules() if isinstance(m, nn.Sigmoid)]
+    try:
+        with torch.no_grad(): model(x)
+    finally:
+        for h in hooks: h.remove()
+    return float(torch.cat([(4 * o * (1 - o)).flatten() for o in outs]).mean()) if outs else math.nan
+
+def gl2o_anatomy(task: Task,             # an MLP task (the hidden slope needs sigmoid units)
+                 lr: float,              # SGD's learning rate, the fallback's
+                 steps: int = 100,       # guarded steps
+                 seed: int = 0,          # initial weights and minibatch order, as in `train`
+                 net: str | LearnedNet = 'lstm-mnist') -> pd.DataFrame:  # the learned optimizer, a shipped name or a net
+    "GL2O over SGD step by step: both candidates on the deciding minibatch, the choice, mu, and SGD alone on the same minibatches"
+    model, solo = task.init(seed), task.init(seed)
+    params = list(model.parameters())
+    sgd, alone = torch.optim.SGD(params, lr=lr), torch.optim.SGD(solo.parameters(), lr=lr)
+    learned = LearnedOptimizer(params, load_pretrained(net) if isinstance(net, str) else net)
+    candidates = {}
+    for name, opt in (('learned', learned), ('fallback', sgd)):   # the guard steps both optimizers: copy what each proposes
+        opt.register_step_post_hook(lambda o, a, k, name=name: candidates.__setitem__(name, [p.detach().clone() for p in params]))
+    guard, probe, x = GradientGuard(learned, sgd, record=True), task.init(seed), task.full_batch('train')[0]
+
+    def measure(values, batch) -> dict:
+        with torch.no_grad():
+            for p, v in zip(probe.parameters(), values): p.copy_(v)
+        loss = task.loss(probe, batch)
+        grad = grad_norm(list(torch.autograd.grad(loss, list(probe.parameters()))))
+        return {'loss': loss.item(), 'grad': grad, 'train': task.evaluate(probe, 'train')['loss'], 'slope': hidden_slope(probe, x)}
+
+    batches, rows = task.batches(seed), []
+    batch = next(batches)
+    for t in range(steps):
+        guard.step(task.closure(model, batch))
+        alone.step(task.closure(solo, batch, alone))
+        nxt = next(batches)   # the minibatch that decides step t (and computes step t+1's gradient)
+        m = {c: measure(candidates[c], nxt) for c in ('learned', 'fallback')}
+        rows.append({'step': t + 1, **{f'{k}_{c}': v for c in m for k, v in m[c].items()},
+                     'train_sgd_alone': task.evaluate(solo, 'train')['loss'], 'slope_sgd_alone': hidden_slope(solo, x)})
+        batch = nxt
+    guard.resolve(lambda: task.loss(model, batch))
+    decided = {e['decided'] + 1: e for e in guard.history if 'decided' in e}   # history counts steps from 0
+    out = pd.DataFrame(rows)
+    for col in ('choice', 'residual', 'mu'): out[col] = [decided[t][col] for t in out['step']]
+    out['train_gl2o'] = [r[f"train_{r['choice']}"] for _, r in out.iterrows()]
+    out['slope_gl2o'] = [r[f"slope_{r['choice']}"] for _, r in out.iterrows()]
+    return out

@@ -26,7 +26,7 @@ import lgl2o
 from .distributed import is_main
 from .learned import NETS
 from .meta import OBJECTIVES, TASKS, MetaConfig, MetaTrainer, load_checkpoint, read_checkpoint
-from .bench import run_benchmark, scenarios, write_report
+from .bench import DEFAULT_NETS, run_benchmark, scenarios, write_report
 from .pretrained import load_pretrained, pretrained_names, save_net
 
 # %% auto #0
@@ -266,7 +266,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument('--full', action='store_true', help="the long suite: horizons 10x and 100x the meta-training horizon, 5 seeds, every shipped net")
     p.add_argument('--seeds', type=_int_list, help="how many seeds (3 means 0,1,2) or a comma list of seeds (default: 2, or 5 with --full)")
     p.add_argument('--scenarios', type=_name_list, help="comma list of scenarios (default: all); see lgl2o.bench.scenarios")
-    p.add_argument('--nets', type=_name_list, help="comma list of pretrained optimizers (default: lstm-mnist, or all shipped with --full)")
+    p.add_argument('--nets', type=_name_list, help="comma list of pretrained optimizers (default: " + ", ".join(DEFAULT_NETS) + ", or all shipped with --full)")
     p.add_argument('--max-steps', type=int, help="shorten every scenario to at most this many steps (a quick look)")
     p.add_argument('--timing-steps', type=int, default=50, help="timed steps per optimizer in the cost table (default: 50)")
     p.add_argument('--threads', type=int, default=1, help="torch intra-op threads (default: 1, fastest for these small models: "
@@ -287,7 +287,7 @@ def bench_settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown scenario {unknown[0]!r}" + (f" (did you mean {hint!r}?)" if hint else '') +
                          f"; choose from {', '.join(available)}" + ('' if args.full else ' (add --full for horizon-100x)'))
     shipped = pretrained_names()
-    nets = args.nets or (shipped if args.full else ['lstm-mnist'])
+    nets = args.nets or (shipped if args.full else list(DEFAULT_NETS))
     missing = [n for n in nets if n not in shipped]
     if missing: raise UsageError(f"unknown pretrained optimizer {missing[0]!r}; shipped: {', '.join(shipped)}")
     if args.max_steps is not None and args.max_steps < 1: raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")

@@ -1,11 +1,15 @@
 """The benchmark: what its notebook's small run shows, determinism, and the `lgl2o-bench` command's input checks."""
+import json
+import math
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from conftest import NBS
-from lgl2o.bench import Contender, guard_verdicts, run_benchmark, summarize
+from lgl2o.bench import (DEFAULT_NETS, LR_GRID, Contender, guard_verdicts, markdown_table, ratio_lines, run_benchmark, scenarios,
+                         summarize, tune_lr, write_report)
 
 
 def _bench_results(run_notebook) -> dict:
@@ -83,3 +87,66 @@ def test_horizon_anatomy_runs_every_variant(run_notebook):
     assert [r['deciding batches'] for r in rows if r['optimizer'] == 'LGL2O'] == [1, 4, 1]
     assert all(0 <= r['learned kept'] <= 1 for r in rows if r['optimizer'] == 'LGL2O')
     assert all(r['final train loss'] > 0 for r in rows)
+
+
+def test_default_suite_runs_the_lstm_and_the_mlp():
+    assert DEFAULT_NETS == ('lstm-mnist', 'mlp-mnist')
+    from lgl2o.cli import bench_parser, bench_settings
+    assert bench_settings(bench_parser().parse_args([]))['nets'] == ['lstm-mnist', 'mlp-mnist']
+
+
+@pytest.mark.parametrize('name', ['spirals', 'quadratic'])
+def test_tuned_learning_rates_lie_inside_the_grid(name):
+    "Adam's optimum was at the top of a narrower grid on these two; at the benchmark's tuning horizon it lies strictly inside"
+    sc = scenarios()[name]
+    task = sc.make_task()
+    for kind, grid in LR_GRID.items():
+        lr, _ = tune_lr(task, kind, min(sc.steps, 200))
+        assert grid[0] < lr < grid[-1], (name, kind, lr)
+
+
+def test_report_says_what_it_compares_and_records_tasks_by_name(tmp_path):
+    "config.json names tasks by class and arguments (no function addresses); the report explains verdicts, targets and bands; no 'nan' cells"
+    res = run_benchmark(['spirals', 'quadratic'], seeds=[0, 1], nets=['lstm-mnist'], max_steps=4, tune_steps=4, progress=False)
+    text = write_report(res, tmp_path, {}, timing_steps=2, figures=True)
+    config = (tmp_path / 'config.json').read_text()
+    assert ' at 0x' not in config and '<function' not in config
+    tasks = {k: v['task'] for k, v in json.loads(config)['scenarios'].items()}
+    assert tasks['quadratic'] == {'task': 'QuadraticTask', 'dim': 50, 'condition': 1000.0, 'scale': 1.0, 'init_std': 1.0, 'seed': 0}
+    assert tasks['spirals']['task'] == 'MLPTask' and tasks['spirals']['data']['name'] == 'spirals'
+    assert 'mean over 2 seeds' in text and 'better of its two components' in text and 'at most 5% above' in text
+    assert 'band: ±1 sd across seeds' in text and (tmp_path / 'losses.png').exists() and (tmp_path / 'guard_choices.png').exists()
+    assert '| nan |' not in text and ' nan ' not in text
+    sgd = summarize(res.steps).query("optimizer == 'SGD'").iloc[0]
+    assert math.isnan(sgd['learned_fraction'])            # a column that does not apply to SGD ...
+    assert '|  |' in markdown_table(pd.DataFrame([sgd]))   # ... is an empty cell
+
+
+def test_cost_targets_say_where_they_come_from():
+    lines = ratio_lines({'LGL2O/unguarded (lstm-mnist)': 1.0, 'mlp-mnist/Adam': 2.0, 'lstm-mnist/Adam': 8.0}).splitlines()
+    assert 'target <= 1.10: met; the loss guard adds one forward pass' in lines[0]
+    assert 'target <= 3.00: met; the per-parameter MLP' in lines[1]
+    assert lines[2].endswith('(no target)')
+
+
+def test_gl2o_anatomy_shows_the_saturation_mechanism(run_notebook):
+    "The notebook's GL2O anatomy: kept learned steps have a smaller gradient, a loss near chance and saturated hidden units"
+    r = _bench_results(run_notebook)
+    table, kept = pd.DataFrame(r['gl2o_anatomy']), pd.DataFrame(r['gl2o_kept']).set_index('candidate')
+    assert len(table) >= 2
+    assert kept.loc['learned (kept)', 'gradient norm (median)'] < kept.loc['SGD (not taken)', 'gradient norm (median)']
+    assert kept.loc['learned (kept)', 'hidden slope (mean)'] < kept.loc['SGD (not taken)', 'hidden slope (mean)']
+    assert kept.loc['learned (kept)', 'training loss (median)'] > 0.85 * math.log(10)
+    assert table['GL2O final loss'].mean() > table['SGD alone final loss'].mean()
+    assert not any(row['at_edge'] for row in r['tuned_lrs'])
+
+
+def test_divergence_is_judged_above_the_minimum():
+    "The quadratic's raw loss starts near zero on seed 0: a rise that is small next to the gap to the minimum is no divergence"
+    from lgl2o.bench import train
+    task = scenarios()['quadratic'].make_task()
+    rows = train(task, Contender('adam'), 5, 0, {'adam': 30.0}, {}, eval_every=5)
+    assert abs(rows[1]['batch_loss']) < 1 and max(r['batch_loss'] for r in rows[1:]) > 1000   # from about 0 to above 1000 ...
+    assert len(rows) == 6 and not rows[-1]['diverged']                                        # ... and on to the end
+    rows = train(task, Contender('adam'), 5, 0, {'adam': 1e5}, {}, eval_every=5)
+    assert rows[-1]['diverged']                                                               # a real divergence still stops the run
