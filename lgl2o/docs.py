@@ -20,6 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -647,29 +648,50 @@ def render_quarto(project: Project, proc, out, log=print) -> None:
     shutil.move(str(built), str(out))
 
 # %% ../nbs/07_docs.ipynb #28739849
-_STDERR_MARKS = ('output_stderr', 'cell-output-stderr', 'application/vnd.jupyter.stderr')
 PAGE_PATTERNS = {
     'a warning': re.compile(r'\w*Warning:|UserWarning|IProgress'),
     'a traceback': re.compile(r'Traceback \(most recent call last\)'),
     'an absolute local path': re.compile(r'(?<![\w.-])/(?:work|home|tmp|root)/|site-packages|[\w/]\.venv/'),
 }
-_SKIP_BLOCK = re.compile(r'<(script|style)\b[^>]*>.*?</\1\s*>', re.S | re.I)
+_OUTPUT_CLASSES = {'jp-OutputArea-output', 'cell-output'}              # an output of a cell (nbconvert, Quarto)
+_STDERR_CLASSES = {'output_stderr', 'cell-output-stderr'}
+_VOID_TAGS = {'area', 'base', 'br', 'col', 'embed', 'hr', 'img', 'input', 'link', 'meta', 'source', 'track', 'wbr'}
+
+class _OutputText(HTMLParser):
+    "The text of a page's cell outputs, line by line, and the lines where a stderr output starts"
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.lines, self.stderr = [], {}, []   # stack: (tag, in output, in stderr)
+    def handle_starttag(self, tag, attrs):
+        if tag in _VOID_TAGS: return
+        a = dict(attrs)
+        classes = set((a.get('class') or '').split())
+        out, err = self.stack[-1][1:] if self.stack else (False, False)
+        start_err = not err and (bool(classes & _STDERR_CLASSES) or a.get('data-mime-type') == 'application/vnd.jupyter.stderr')
+        if start_err: self.stderr.append(self.getpos()[0])
+        self.stack.append((tag, out or bool(classes & _OUTPUT_CLASSES) or start_err, err or start_err))
+    def handle_endtag(self, tag):
+        for k in range(len(self.stack) - 1, -1, -1):   # close up to the matching tag (HTML lets some go unclosed)
+            if self.stack[k][0] == tag: del self.stack[k:]; break
+    def handle_data(self, data):
+        if not (self.stack and self.stack[-1][1]) or self.stack[-1][0] in ('script', 'style'): return
+        line = self.getpos()[0]
+        for k, part in enumerate(data.split('\n')):
+            self.lines[line + k] = self.lines.get(line + k, '') + part
 
 def page_problems(page_html: str, name: str = 'page') -> list[str]:
-    "Every line of a built page that shows stderr output, a warning, a traceback or a local path: 'name:line: what: text'"
-    # scripts and styles are not shown; blank their content but keep the line count
-    page_html = _SKIP_BLOCK.sub(lambda m: '\n' * m.group(0).count('\n'), page_html)
-    problems, lines = [], page_html.splitlines()
-    for n, line in enumerate(lines, 1):
-        text = html.unescape(re.sub(r'<[^>]+>', '', line)).strip()
-        if any(m in line for m in _STDERR_MARKS):
-            shown = next((html.unescape(re.sub(r'<[^>]+>', '', l)).strip() for l in lines[n - 1:n + 5]
-                          if re.sub(r'<[^>]+>', '', l).strip()), '')
-            problems.append(f"{name}:{n}: output written to stderr: {shown[:200]}")
-            continue
+    "Every line of a built page's cell outputs that shows stderr, a warning, a traceback or a local path: 'name:line: what: text'"
+    p = _OutputText()
+    p.feed(page_html.replace('\r\n', '\n').replace('\r', '\n'))   # a progress bar's carriage returns are line breaks too
+    p.close()
+    problems = []
+    for n in p.stderr:
+        shown = next((p.lines[k].strip() for k in sorted(p.lines) if k >= n and p.lines[k].strip()), '')
+        problems.append((n, f"{name}:{n}: output written to stderr: {shown[:200]}"))
+    for n, text in sorted(p.lines.items()):
         for what, pattern in PAGE_PATTERNS.items():
-            if pattern.search(text): problems.append(f"{name}:{n}: {what}: {text[:200]}"); break
-    return problems
+            if pattern.search(text): problems.append((n, f"{name}:{n}: {what}: {text.strip()[:200]}")); break
+    return [msg for _, msg in sorted(problems, key=lambda x: x[0])]
 
 def check_pages(out) -> None:
     "Raise a `DocsError` naming every page of the site at `out` and line that shows stderr, a warning, a traceback or a local path"
