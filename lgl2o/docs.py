@@ -20,6 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -27,14 +28,15 @@ import yaml
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['PAGE_TEMPLATE', 'SITE_CSS', 'CLAIMS_MIME', 'MATCHES', 'REPRODUCED_PAGE', 'DocsError', 'Project', 'find_project',
-           'working_directory', 'source_notebooks', 'page_name', 'resolve_sidebar', 'sidebar_notebooks', 'load_sidebar',
-           'params_file', 'notebook_parameters', 'full_parameters', 'orphan_params', 'docs_problems',
-           'execute_notebooks', 'stage_sources', 'process_notebooks', 'Page', 'frontmatter', 'quarto_page',
-           'count_figures', 'pandoc_id', 'local_href', 'pandoc_links_to_html', 'finish_page', 'render_page',
-           'collect_pages', 'render_static', 'render_quarto', 'check_claims', 'claims_table', 'show_claims',
-           'executed_claims', 'reproduced_notebook', 'with_reproduced_page', 'check_sources', 'build_site',
-           'readme_markdown', 'write_readme', 'main']
+__all__ = ['PAGE_TEMPLATE', 'SITE_CSS', 'MATHJAX_PACKAGE', 'MATHJAX_DIR', 'PAGE_PATTERNS', 'CLAIMS_MIME', 'MATCHES',
+           'REPRODUCED_PAGE', 'DocsError', 'Project', 'find_project', 'working_directory', 'source_notebooks',
+           'page_name', 'resolve_sidebar', 'sidebar_notebooks', 'load_sidebar', 'params_file', 'notebook_parameters',
+           'full_parameters', 'orphan_params', 'docs_problems', 'execute_notebooks', 'stage_sources',
+           'process_notebooks', 'Page', 'frontmatter', 'quarto_page', 'count_figures', 'pandoc_id', 'local_href',
+           'pandoc_links_to_html', 'finish_page', 'render_page', 'mathjax_source', 'copy_mathjax', 'collect_pages',
+           'render_static', 'render_quarto', 'page_problems', 'check_pages', 'check_claims', 'claims_table',
+           'show_claims', 'executed_claims', 'reproduced_notebook', 'with_reproduced_page', 'check_sources',
+           'build_site', 'readme_markdown', 'write_readme', 'main']
 
 # %% ../nbs/07_docs.ipynb #8eb0edb1
 class DocsError(ValueError):
@@ -396,7 +398,7 @@ PAGE_TEMPLATE = r"""{%- extends 'lab/base.html.j2' -%}
 <link rel="stylesheet" href="{{ resources.lgl2o.root }}site_libs/jupyterlab.css">
 <link rel="stylesheet" href="{{ resources.lgl2o.root }}site_libs/lgl2o-docs.css">
 <script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\(', '\\)']], displayMath: [['$$', '$$'], ['\\[', '\\]']], processEscapes: true}};</script>
-<script async src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml-full.js"></script>
+<script defer src="{{ resources.lgl2o.root }}site_libs/mathjax/tex-chtml-full.js"></script>
 </head>
 <body data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
 <header class="site-header">
@@ -425,6 +427,14 @@ PAGE_TEMPLATE = r"""{%- extends 'lab/base.html.j2' -%}
 {{ super() }}
 {%- endif -%}
 {%- endblock input_group %}
+
+{% block stream_stderr -%}
+<div class="jp-RenderedText jp-OutputArea-output output_stderr" data-mime-type="application/vnd.jupyter.stderr">
+<pre>
+{{- output.text | ansi2html -}}
+</pre>
+</div>
+{%- endblock stream_stderr %}
 
 {% block error -%}
 <div class="lgl2o-error">
@@ -570,6 +580,30 @@ def render_page(nb, page: Page, pages: dict, sidebar: list, project: Project, ex
     body, _ = exporter.from_notebook_node(nb, resources=resources)
     return finish_page(body, page, pages, project.site_url)
 
+# %% ../nbs/07_docs.ipynb #f34c9883
+MATHJAX_PACKAGE = 'django-static-mathjax'   # the PyPI package with MathJax 3's distribution files
+MATHJAX_DIR = 'site_libs/mathjax'           # where the site keeps its copy
+
+def mathjax_source() -> Path:
+    "The installed MathJax distribution (the folder holding `es5/`), from the package `MATHJAX_PACKAGE`"
+    from importlib.metadata import PackageNotFoundError, distribution
+    fix = f"install the docs tools: pip install -c constraints.txt -e '.[dev]' (or make setup)"
+    try: root = Path(distribution(MATHJAX_PACKAGE).locate_file('mathjax/static/mathjax'))
+    except PackageNotFoundError: raise DocsError(f"MathJax is not installed (the package {MATHJAX_PACKAGE}); {fix}") from None
+    if not (root / 'es5' / 'tex-chtml-full.js').is_file():
+        raise DocsError(f"{root} has no es5/tex-chtml-full.js: the package {MATHJAX_PACKAGE} is not the pinned one; {fix}")
+    return root
+
+def copy_mathjax(out) -> Path:
+    "Copy MathJax's TeX-to-HTML component, its fonts and its license into the site at `out`; returns the folder"
+    src, dest = mathjax_source(), Path(out) / MATHJAX_DIR
+    fonts = Path('output') / 'chtml' / 'fonts' / 'woff-v2'
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src / 'es5' / fonts, dest / fonts)
+    shutil.copy2(src / 'es5' / 'tex-chtml-full.js', dest / 'tex-chtml-full.js')
+    shutil.copy2(src / 'LICENSE', dest / 'LICENSE')
+    return dest
+
 # %% ../nbs/07_docs.ipynb #9a998f2d
 def _processed(proc: Path) -> list[Path]:
     return sorted(p for p in proc.rglob('*.ipynb') if not any(part[0] in '._' for part in p.relative_to(proc).parts))
@@ -602,6 +636,7 @@ def render_static(project: Project, proc, out, sidebar, pages, log=print) -> Non
     (out / 'site_libs').mkdir(parents=True, exist_ok=True)
     (out / 'site_libs' / 'jupyterlab.css').write_text(_site_css(exporter))
     (out / 'site_libs' / 'lgl2o-docs.css').write_text(SITE_CSS)
+    copy_mathjax(out)
     (out / '.nojekyll').touch()
 
 def render_quarto(project: Project, proc, out, log=print) -> None:
@@ -611,6 +646,62 @@ def render_quarto(project: Project, proc, out, log=print) -> None:
     built = Path(proc) / project.doc_path.name
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(built), str(out))
+
+# %% ../nbs/07_docs.ipynb #28739849
+PAGE_PATTERNS = {
+    'a warning': re.compile(r'\w*Warning:|UserWarning|IProgress'),
+    'a traceback': re.compile(r'Traceback \(most recent call last\)'),
+    'an absolute local path': re.compile(r'(?<![\w.-])/(?:work|home|tmp|root)/|site-packages|[\w/]\.venv/'),
+}
+_OUTPUT_CLASSES = {'jp-OutputArea-output', 'cell-output'}              # an output of a cell (nbconvert, Quarto)
+_STDERR_CLASSES = {'output_stderr', 'cell-output-stderr'}
+_VOID_TAGS = {'area', 'base', 'br', 'col', 'embed', 'hr', 'img', 'input', 'link', 'meta', 'source', 'track', 'wbr'}
+
+class _OutputText(HTMLParser):
+    "The text of a page's cell outputs, line by line, and the lines where a stderr output starts"
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.lines, self.stderr = [], {}, []   # stack: (tag, in output, in stderr)
+    def handle_starttag(self, tag, attrs):
+        if tag in _VOID_TAGS: return
+        a = dict(attrs)
+        classes = set((a.get('class') or '').split())
+        out, err = self.stack[-1][1:] if self.stack else (False, False)
+        start_err = not err and (bool(classes & _STDERR_CLASSES) or a.get('data-mime-type') == 'application/vnd.jupyter.stderr')
+        if start_err: self.stderr.append(self.getpos()[0])
+        self.stack.append((tag, out or bool(classes & _OUTPUT_CLASSES) or start_err, err or start_err))
+    def handle_endtag(self, tag):
+        for k in range(len(self.stack) - 1, -1, -1):   # close up to the matching tag (HTML lets some go unclosed)
+            if self.stack[k][0] == tag: del self.stack[k:]; break
+    def handle_data(self, data):
+        if not (self.stack and self.stack[-1][1]) or self.stack[-1][0] in ('script', 'style'): return
+        line = self.getpos()[0]
+        for k, part in enumerate(data.split('\n')):
+            self.lines[line + k] = self.lines.get(line + k, '') + part
+
+def page_problems(page_html: str, name: str = 'page') -> list[str]:
+    "Every line of a built page's cell outputs that shows stderr, a warning, a traceback or a local path: 'name:line: what: text'"
+    p = _OutputText()
+    p.feed(page_html.replace('\r\n', '\n').replace('\r', '\n'))   # a progress bar's carriage returns are line breaks too
+    p.close()
+    problems = []
+    for n in p.stderr:
+        shown = next((p.lines[k].strip() for k in sorted(p.lines) if k >= n and p.lines[k].strip()), '')
+        problems.append((n, f"{name}:{n}: output written to stderr: {shown[:200]}"))
+    for n, text in sorted(p.lines.items()):
+        for what, pattern in PAGE_PATTERNS.items():
+            if pattern.search(text): problems.append((n, f"{name}:{n}: {what}: {text.strip()[:200]}")); break
+    return [msg for _, msg in sorted(problems, key=lambda x: x[0])]
+
+def check_pages(out) -> None:
+    "Raise a `DocsError` naming every page of the site at `out` and line that shows stderr, a warning, a traceback or a local path"
+    out = Path(out)
+    problems = [p for f in sorted(out.rglob('*.html')) if not any(part.startswith(('.', '_')) or part == 'site_libs'
+                                                                  for part in f.relative_to(out).parts)
+                for p in page_problems(f.read_text(encoding='utf-8', errors='replace'), f.relative_to(out).as_posix())]
+    if problems:
+        raise DocsError(f"{len(problems)} line(s) of the built pages show what a reader must not see (fix the notebooks "
+                        f"that print them):\n  " + '\n  '.join(problems))
 
 # %% ../nbs/07_docs.ipynb #707849ad
 CLAIMS_MIME = 'application/vnd.lgl2o.claims+json'   # the output type that carries a paper notebook's claims
@@ -745,6 +836,7 @@ def build_site(out=None, small: bool = False, executed=None, renderer: str = 'au
                 'pages': [dataclasses.asdict(p) for p in pages.values()],
                 'seconds': {'execute': round(t1 - t0, 1), 'process': round(t2 - t1, 1), 'render': round(time.time() - t2, 1)}}
     (out / 'site-manifest.json').write_text(json.dumps(manifest, indent=1))
+    check_pages(out)
     return manifest
 
 # %% ../nbs/07_docs.ipynb #f4f69d2f

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .distributed import all_gather_objects, all_reduce_sum, init_distributed, is_main, launched, rank, resolve_device, world_size
 from .learned import NETS, LearnedNet, build_net, restore_net

@@ -48,6 +48,42 @@ def test_readme_is_generated(project):
         assert (ROOT / name).exists() and (ROOT / name).read_bytes() == data, fix
 
 
+def test_readme_images_exist():
+    "Every image README.md shows is a committed file beside it (the home page's figure among them)"
+    text = (ROOT / 'README.md').read_text()
+    images = re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', text)
+    assert images, "README.md shows no figure: the home page (nbs/index.ipynb) must keep its executed figure"
+    for src in images:
+        assert not re.match(r'^[a-z]+:', src), f"README.md loads {src} from elsewhere; keep its figures in README_files/"
+        assert (ROOT / src).is_file(), f"README.md shows {src}, which does not exist: run `make readme` and commit README_files/"
+
+
+def _output(text, cls='', mime='text/plain'):
+    return f'<div class="jp-RenderedText jp-OutputArea-output {cls}" data-mime-type="{mime}">\n<pre>{text}</pre>\n</div>'
+
+
+def test_page_check_finds_leaks(tmp_path):
+    "The built-page check names the page and line of stderr output, warnings, tracebacks and local paths in cell outputs"
+    ok = _output('loss 0.12 after 100 steps') + '\n<p>python -m venv .venv; a UserWarning: says /tmp/x</p>'   # prose may name them
+    assert docs.page_problems(ok) == []
+    cases = {_output('anything', 'output_stderr'): 'stderr',
+             _output('anything', mime='application/vnd.jupyter.stderr'): 'stderr',
+             '<div class="cell-output cell-output-stderr"><pre>anything</pre></div>': 'stderr',
+             _output('x.py:3: DeprecationWarning: old'): 'a warning',
+             _output('TqdmWarning: IProgress not found'): 'a warning',
+             _output('Traceback (most recent call last):'): 'a traceback',
+             '<div class="cell-output cell-output-stdout"><pre><code>saved to /home/someone/run</code></pre></div>': 'local path',
+             _output('lib/python3.11/site-packages/torch/nn.py'): 'local path',
+             _output('see /root/.cache'): 'local path'}
+    for page, what in cases.items():
+        found = docs.page_problems('<p>fine</p>\n' + page, 'p.html')
+        assert len(found) == 1 and found[0].startswith('p.html:') and what in found[0], (page, found)
+    (tmp_path / 'a.html').write_text(ok)
+    docs.check_pages(tmp_path)
+    (tmp_path / 'b.html').write_text('<p>fine</p>\n' + _output('/tmp/x/y.py:1: UserWarning: y'))
+    with pytest.raises(docs.DocsError, match=r'b\.html:3: a warning'): docs.check_pages(tmp_path)
+
+
 def test_sources_fit_the_docs_build(project):
     "The sidebar resolves, params files match their notebooks, and no cell mixes imports with other code"
     docs.check_sources(project)
@@ -158,6 +194,7 @@ return {
   svgs: Array.from(main.querySelectorAll('svg')).filter(shown).length,
   ids: Array.from(document.querySelectorAll('[id]')).map(e => e.id),
   errors: document.querySelectorAll('.lgl2o-error, .cell-output-error').length,
+  outputs: Array.from(main.querySelectorAll('.jp-OutputArea-output, .cell-output')).map(e => e.innerText).join('\\n'),
   text: document.body.innerText,
 };
 """
@@ -231,6 +268,62 @@ def test_no_page_shows_an_error(visited):
     for out, f in facts.items():
         assert 'Traceback (most recent call last)' not in f['text'], out
         assert f['errors'] == 0, out
+
+
+_MATH_FACTS = """
+const done = arguments[arguments.length - 1];
+const facts = () => {
+  const main = document.querySelector('main') || document.body;
+  const copy = main.cloneNode(true);
+  copy.querySelectorAll('pre, code, script, style, mjx-container').forEach(e => e.remove());
+  const mj = window.MathJax;
+  return {
+    loaded: !!(mj && mj.startup && mj.startup.document),
+    raw: (copy.textContent.match(/\\$[^$\\n]{1,80}\\$/g) || []).slice(0, 5),
+    containers: Array.from(main.querySelectorAll('mjx-container')).map(c => c.textContent).slice(0, 200),
+    tex: mj && mj.startup && mj.startup.document ? mj.startup.document.getMathItemsWithin(main).map(m => m.math) : [],
+  };
+};
+if (window.MathJax && window.MathJax.startup && window.MathJax.startup.promise) {
+  window.MathJax.startup.promise.then(() => done(facts()), e => done({error: String(e)}));
+} else { setTimeout(() => done(facts()), 3000); }
+"""
+
+
+def test_math_renders_offline(visited, browser):
+    "MathJax comes from the site itself (no network): every page typesets its TeX, and no raw $...$ is left in the text"
+    base, manifest, _ = visited
+    browser.set_script_timeout(60)
+    seen = {}
+    for page in manifest['pages']:
+        browser.get(base + page['out'])
+        f = browser.execute_async_script(_MATH_FACTS)
+        assert 'error' not in f, (page['out'], f)
+        assert f['loaded'], f"{page['out']}: MathJax did not load (site_libs/mathjax/ missing?)"
+        assert not f['raw'], f"{page['out']} shows TeX that MathJax did not typeset: {f['raw']}"
+        seen[page['out']] = f
+    paper = seen['papers/lgl2o.html']
+    assert r'\mu' in paper['tex'], paper['tex'][:20]        # "$\mu$-strongly convex" in the paper's claims
+    assert any('\u03bc' in c for c in paper['containers']), "the formula \\mu did not render as mu"
+    assert sum(len(f['containers']) for f in seen.values()) >= 10
+
+
+def test_no_page_leaks_warnings_or_paths(visited):
+    "The cells' outputs show no warning, traceback, tqdm widget complaint or path of the machine that built the site"
+    _, _, facts = visited
+    pattern = re.compile(r'\w*Warning:|UserWarning|IProgress|Traceback \(most recent|(?<![\w.-])/(?:work|home|tmp|root)/|site-packages|[\w/]\.venv/')
+    leaks = [f"{out}: {line.strip()[:160]}" for out, f in facts.items() for line in f['outputs'].splitlines() if pattern.search(line)]
+    assert any(f['outputs'] for f in facts.values())
+    assert not leaks, f"{len(leaks)} leaked lines:\n" + '\n'.join(leaks[:30])
+
+
+def test_home_page_shows_the_headline_figure(visited):
+    "The home page shows the guard against its components: a figure that loaded, with its caption"
+    _, _, facts = visited
+    home = facts['index.html']
+    loaded = [i for i in home['images'] if i['complete'] and i['w'] > 0 and i['h'] > 0]
+    assert loaded, f"the home page shows no figure: {home['images']}"
+    assert 'LossGuard over the two' in home['text'] and 'final training loss' in home['text']
 
 
 def test_reproduced_page_gathers_every_paper(visited, executed_dir, project):
