@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .guards import GradientGuard, Guard, LossGuard, grad_norm
 from .learned import LearnedNet, LearnedOptimizer
@@ -25,15 +25,18 @@ from .pretrained import load_pretrained
 from .tasks import MLPTask, QuadraticTask, Task, mnist_mlp, mnist_subset, spirals_mlp
 
 # %% auto #0
-__all__ = ['KINDS', 'FALLBACKS', 'LR_GRID', 'TUNING_SEED', 'DEFAULT_NETS', 'DASHES', 'SAME_BATCH_DASHES', 'COLOURS',
-           'COST_TARGETS', 'Contender', 'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr',
-           'tuned_lrs', 'BenchmarkResult', 'run_benchmark', 'summarize', 'guard_verdicts', 'verdict_note',
-           'optimizer_names', 'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses', 'plot_choices',
-           'step_times', 'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy']
+__all__ = ['KINDS', 'FALLBACKS', 'RULES', 'SHADOW_TOLERANCE', 'LR_GRID', 'TUNING_SEED', 'DEFAULT_NETS', 'DASHES',
+           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TARGETS', 'Contender', 'build_optimizer', 'Scenario', 'scenarios',
+           'contenders', 'train', 'tune_lr', 'tuned_lrs', 'BenchmarkResult', 'run_benchmark', 'summarize',
+           'guard_verdicts', 'verdict_note', 'fallback_verdicts', 'rule_scorecard', 'fallback_note', 'optimizer_names',
+           'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses', 'plot_choices', 'step_times',
+           'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy']
 
 # %% ../nbs/05_bench.ipynb #adf8c034
 KINDS = ('sgd', 'adam', 'learned', 'lgl2o', 'gl2o')
 FALLBACKS = {'sgd': torch.optim.SGD, 'adam': torch.optim.Adam}
+RULES = ('paper', 'shadow')   # a guard's rule: the paper's alone, or with the fallback's shadow run (`Guard(shadow=...)`)
+SHADOW_TOLERANCE = 0.02       # the shadow rule's tolerance in the benchmark
 
 @dataclass(frozen=True)
 class Contender:
@@ -42,19 +45,23 @@ class Contender:
     net: str | None = None    # pretrained learned optimizer (learned, lgl2o, gl2o)
     fallback: str | None = None  # 'sgd' or 'adam' (lgl2o, gl2o)
     compare: str = 'next'     # the guard's comparison batch: 'next' (fresh data) or 'same'
+    rule: str = 'paper'       # one of RULES (guards only)
 
     def __post_init__(self):
         if self.kind not in KINDS: raise ValueError(f"unknown contender kind {self.kind!r}; use one of {list(KINDS)}")
         if self.kind in ('learned', 'lgl2o', 'gl2o') and not self.net: raise ValueError(f"a {self.kind} contender needs a pretrained net name")
         if self.kind in ('lgl2o', 'gl2o') and self.fallback not in FALLBACKS:
             raise ValueError(f"a {self.kind} contender needs fallback 'sgd' or 'adam', got {self.fallback!r}")
+        if self.rule not in RULES: raise ValueError(f"unknown rule {self.rule!r}; use one of {list(RULES)}")
+        if self.rule != 'paper' and not self.guarded: raise ValueError(f"rule {self.rule!r} is a guard's: {self.kind} has none")
 
     @property
     def name(self) -> str:
         if self.kind in ('sgd', 'adam'): return {'sgd': 'SGD', 'adam': 'Adam'}[self.kind]
         if self.kind == 'learned': return self.net
         same = ', same batch' if self.compare == 'same' else ''
-        return f"{self.kind.upper()}({self.net}, {self.fallback.upper() if self.fallback == 'sgd' else 'Adam'}{same})"
+        shadow = ', shadow' if self.rule == 'shadow' else ''
+        return f"{self.kind.upper()}({self.net}, {self.fallback.upper() if self.fallback == 'sgd' else 'Adam'}{same}{shadow})"
 
     @property
     def guarded(self) -> bool: return self.kind in ('lgl2o', 'gl2o')
@@ -68,7 +75,8 @@ def build_optimizer(contender: Contender,    # what to build
                     params: list,            # the model's parameters
                     lrs: dict,               # tuned learning rates, {'sgd': ..., 'adam': ...}
                     nets: dict,              # pretrained nets by name
-                    record: bool = True):    # guards keep their per-step history
+                    record: bool = True,     # guards keep their per-step history
+                    loss_floor: float = 0.0):  # the task's lower bound of the loss (the shadow rule's tolerance is relative to the loss above it)
     "The `torch.optim.Optimizer` a contender stands for, over `params`"
     c = contender
     if c.kind in FALLBACKS: return FALLBACKS[c.kind](params, lr=lrs[c.kind])
@@ -76,7 +84,8 @@ def build_optimizer(contender: Contender,    # what to build
     if c.kind == 'learned': return learned
     fallback = FALLBACKS[c.fallback](params, lr=lrs[c.fallback])
     guard = LossGuard if c.kind == 'lgl2o' else GradientGuard
-    return guard(learned, fallback, compare=c.compare, record=record)
+    return guard(learned, fallback, compare=c.compare, record=record, shadow=SHADOW_TOLERANCE if c.rule == 'shadow' else None,
+                 loss_floor=loss_floor)
 
 # %% ../nbs/05_bench.ipynb #819c286b
 @dataclass(frozen=True)
@@ -114,10 +123,11 @@ def scenarios(full: bool = False) -> dict[str, Scenario]:
 
 # %% ../nbs/05_bench.ipynb #4f62f417
 def contenders(scenario: Scenario, nets: list[str]) -> list[Contender]:
-    "Who competes in `scenario`: tuned SGD and Adam, each net alone, and LGL2O and GL2O over it"
+    "Who competes in `scenario`: tuned SGD and Adam, each net alone, and LGL2O (both rules) and GL2O over it"
     out = [Contender('sgd'), Contender('adam')]
     for n in nets:
-        out += [Contender('learned', n), Contender('lgl2o', n, 'sgd'), Contender('lgl2o', n, 'adam'), Contender('gl2o', n, 'sgd')]
+        out += [Contender('learned', n), Contender('lgl2o', n, 'sgd'), Contender('lgl2o', n, 'adam'), Contender('gl2o', n, 'sgd'),
+                Contender('lgl2o', n, 'sgd', rule='shadow'), Contender('lgl2o', n, 'adam', rule='shadow')]
         if scenario.ablation: out += [Contender('lgl2o', n, 'sgd', 'same'), Contender('lgl2o', n, 'adam', 'same')]
     return out
 
@@ -141,7 +151,7 @@ def train(task: Task,            # what to optimize
           diverge_factor: float = 1e3) -> list[dict]:  # stop when the loss (above the minimum, if known) exceeds this times its start
     "Train one contender on one task from one seed; one row per step"
     model = task.init(seed)
-    opt = build_optimizer(contender, list(model.parameters()), lrs, nets)
+    opt = build_optimizer(contender, list(model.parameters()), lrs, nets, loss_floor=getattr(task, 'optimum', 0.0))
     batches, rows, start, choices = task.batches(seed), [], None, {}
     floor = getattr(task, 'optimum', 0.0)   # a quadratic's raw loss can start near zero, or below it: judge the gap to its minimum
     rows.append({'step': 0, **_evaluate(task, model)})
@@ -170,7 +180,7 @@ def _attach_choices(rows: list[dict], guard: Guard):
     for r in rows[1:]:
         r['choice'] = decided.get(r['step'] - 1)   # history counts steps from 0
         e = per_step.get(r['step'] - 1, {})
-        r['forward'], r['backward'] = e.get('forward'), e.get('backward')
+        r['forward'], r['backward'], r['reset'] = e.get('forward'), e.get('backward'), bool(e.get('reset'))
 
 # %% ../nbs/05_bench.ipynb #39c64e77
 LR_GRID = {'sgd': [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
@@ -260,8 +270,10 @@ def summarize(steps: pd.DataFrame) -> pd.DataFrame:
     final = _final_rows(steps).copy()
     final['diverged'] = final['diverged'].fillna(False).astype(bool)
     for col in ('train_loss', 'test_loss'): final.loc[final['diverged'], col] = math.inf
+    if 'rule' not in final: final['rule'] = None
     g = final.groupby(['scenario', 'optimizer'], sort=False)
-    out = g.agg(kind=('kind', 'first'), net=('net', 'first'), fallback=('fallback', 'first'), train_loss=('train_loss', 'mean'), train_loss_std=('train_loss', 'std'),
+    out = g.agg(kind=('kind', 'first'), net=('net', 'first'), fallback=('fallback', 'first'), rule=('rule', 'first'),
+                train_loss=('train_loss', 'mean'), train_loss_std=('train_loss', 'std'),
                 test_loss=('test_loss', 'mean'), test_loss_std=('test_loss', 'std'), diverged=('diverged', 'sum'),
                 seeds=('seed', 'nunique'))
     if 'test_accuracy' in final: out['test_accuracy'] = g['test_accuracy'].mean()
@@ -274,6 +286,9 @@ def summarize(steps: pd.DataFrame) -> pd.DataFrame:
     out['forward_per_step'] = counted['forward'].mean()
     out['backward_per_step'] = counted['backward'].mean()
     out['ms_per_step'] = 1000 * taken['seconds'].median()
+    if 'reset' in steps:   # resets to the shadow run per seed (guards with the shadow rule)
+        shadow = steps['rule'].eq('shadow')
+        out['resets'] = steps[shadow].groupby(['scenario', 'optimizer'], sort=False)['reset'].sum() / out['seeds']
     return out.reset_index()  # groups keep the order of the step table: scenario by scenario, contender by contender
 
 # %% ../nbs/05_bench.ipynb #42aa6f7d
@@ -297,6 +312,39 @@ def verdict_note(summary: pd.DataFrame, tolerance: float = 0.05) -> str:
             f"against the better of its two components run alone in the same scenario: the unguarded learned optimizer and the guard's "
             f"fallback, each with the same seeds. `ratio` is the guard's loss over that better one; within tolerance means at most "
             f"{tolerance:.0%} above it. `diverged` counts the guard's diverged seeds.")
+
+def fallback_verdicts(summary: pd.DataFrame, tolerance: float = 0.05, keep: float = 0.8) -> pd.DataFrame:
+    "Each guard against its fallback run alone (never worse?) and, where the learned optimizer alone beats that fallback, the share of its gain kept"
+    rows = []
+    for _, r in summary[summary['kind'].isin(['lgl2o', 'gl2o'])].iterrows():
+        learned, fallback = Contender(r['kind'], r['net'], r['fallback']).components()
+        losses = summary[summary['scenario'] == r['scenario']].set_index('optimizer')['train_loss']
+        fb, ln = losses.get(fallback.name, math.nan), losses.get(learned.name, math.nan)
+        gain = fb - ln if ln < fb else math.nan   # the learned optimizer's lead over the fallback, where it has one
+        kept = (fb - r['train_loss']) / gain if gain > 0 else math.nan
+        rows.append({'scenario': r['scenario'], 'guard': r['optimizer'], 'rule': r.get('rule') or 'paper', 'guard_loss': r['train_loss'],
+                     'fallback_alone': fb, 'learned_alone': ln, 'ratio_to_fallback': r['train_loss'] / fb if fb > 0 else math.nan,
+                     'never_worse': bool(r['train_loss'] <= (1 + tolerance) * fb and not r['diverged']),
+                     'gain_kept': kept, 'keeps_gain': None if math.isnan(kept) else bool(kept >= keep)})
+    return pd.DataFrame(rows)
+
+def rule_scorecard(verdicts: pd.DataFrame) -> pd.DataFrame:
+    "Per guard kind and rule: in how many cases it ended no worse than its fallback alone, and kept the learned optimizer's gain where there was one"
+    v = verdicts.assign(kind=verdicts['guard'].str.split('(').str[0])
+    rows = []
+    for (kind, rule), g in v.groupby(['kind', 'rule'], sort=False):
+        gains = g['keeps_gain'].dropna()
+        rows.append({'kind': kind, 'rule': rule, 'cases': len(g), 'never_worse': int(g['never_worse'].sum()),
+                     'worst_ratio_to_fallback': g['ratio_to_fallback'].max(), 'cases_with_a_gain': len(gains),
+                     'keeps_gain': int(gains.astype(bool).sum())})
+    return pd.DataFrame(rows)
+
+def fallback_note(summary: pd.DataFrame, tolerance: float = 0.05, keep: float = 0.8) -> str:
+    "What the fallback verdicts compare, in words for the report"
+    return (f"Each guard's final training loss against its own fallback optimizer run alone with the same tuned learning rate and "
+            f"seeds (`ratio_to_fallback`): never worse means at most {tolerance:.0%} above it and no diverged seed, the promise of the "
+            f"shadow rule. Where the learned optimizer alone ends below that fallback, `gain_kept` is the share of its lead the guard "
+            f"keeps, (fallback - guard) / (fallback - learned); keeping the gain means at least {keep:.0%}.")
 
 # %% ../nbs/05_bench.ipynb #64ea28b0
 DASHES = {'sgd': '', 'adam': '', 'learned': (1, 1.5), 'lgl2o': (5, 2), 'gl2o': (6, 2, 1.5, 2)}   # line style per contender kind
@@ -371,6 +419,7 @@ def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: in
     task = task or mnist_mlp()
     lrs = {'sgd': 0.1, 'adam': 1e-3}
     plan = [Contender('adam')] + [Contender(k, n, None if k == 'learned' else 'sgd') for n in nets for k in ('learned', 'lgl2o', 'gl2o')]
+    plan += [Contender('lgl2o', n, 'sgd', rule='shadow') for n in nets]
     times = {c.name: ([], []) for c in plan}
     models = {c.name: task.init(seed) for c in plan}
     opts = {c.name: build_optimizer(c, list(models[c.name].parameters()), lrs, nets, record=False) for c in plan}
@@ -390,16 +439,20 @@ def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: in
                          for k, (c, w) in times.items()])
 
 def cost_ratios(times: pd.DataFrame, nets: list[str]) -> dict:
-    "CPU-time ratios: LGL2O and GL2O over the unguarded net, and each net over Adam"
+    "CPU-time ratios: LGL2O and GL2O over the unguarded net, the shadow rule over the paper's, and each net over Adam"
     t = times.set_index('optimizer')['cpu_ms_per_step']
     out = {f'LGL2O/unguarded ({n})': t[f'LGL2O({n}, SGD)'] / t[n] for n in nets}
     out.update({f'GL2O/unguarded ({n})': t[f'GL2O({n}, SGD)'] / t[n] for n in nets})
+    out.update({f'LGL2O shadow/paper rule ({n})': t[f'LGL2O({n}, SGD, shadow)'] / t[f'LGL2O({n}, SGD)'] for n in nets})
     out.update({f'{n}/Adam': t[n] / t['Adam'] for n in nets})
     return out
 
 COST_TARGETS = {   # the project's targets, by ratio name: (the largest ratio that meets it, where it comes from)
     'LGL2O/unguarded (lstm-mnist)': (1.10, "the loss guard adds one forward pass and no backward pass to a step, which on the paper's "
                                            "LSTM optimizer should cost at most 10% of the unguarded step"),
+    **{f'LGL2O shadow/paper rule ({n})': (1.10, "a rule good enough to be the default may cost at most 10% more per step than "
+                                                "the paper's rule with the same components; the shadow run adds a forward, a backward "
+                                                "and a fallback step") for n in ('lstm-mnist', 'mlp-mnist')},
     'mlp-mnist/Adam': (3.0, "the per-parameter MLP is the learned optimizer meant to be cheap: at most three Adam steps "
                             "(about 2.5 measured on an idle machine, see lgl2o.learned)")}
 
@@ -430,13 +483,17 @@ def write_report(result: BenchmarkResult, out: Path, nets: dict, timing_steps: i
     result.save(out)
     summary = summarize(result.steps)
     verdicts = guard_verdicts(summary, tolerance)
+    against_fallback = fallback_verdicts(summary, tolerance)
     times = step_times(nets, steps=timing_steps)
     ratios = cost_ratios(times, list(nets))
     verdicts.to_csv(out / 'verdicts.csv', index=False)
+    against_fallback.to_csv(out / 'fallback_verdicts.csv', index=False)
     times.to_csv(out / 'step_times.csv', index=False)
     (out / 'cost_ratios.json').write_text(json.dumps(ratios, indent=1))
     parts = ['## Summary (final losses: mean over seeds)', markdown_table(summary),
              '## LGL2O and GL2O against the better of their two components', verdict_note(summary, tolerance), markdown_table(verdicts),
+             '## Each guard against its fallback alone', fallback_note(summary, tolerance), markdown_table(against_fallback),
+             'Per rule:', markdown_table(rule_scorecard(against_fallback)),
              '## Cost per step on the MNIST MLP (median ms)', markdown_table(times, 3),
              'CPU-time ratios, each with its target where the project sets one, and where that target comes from:', ratio_lines(ratios)]
     if figures:

@@ -264,12 +264,12 @@ class ShadowRun:
         for p, s in zip(params, self.params):
             if not p.requires_grad: s.copy_(p)
 
-    def behind(self, loss_guarded: float, loss_shadow: float, tolerance: float, smoothing: float) -> bool:
-        "Add one pair of minibatch losses; whether the guarded run's smoothed loss exceeds the shadow's by more than `tolerance` (relative)"
+    def behind(self, loss_guarded: float, loss_shadow: float, tolerance: float, smoothing: float, floor: float = 0.0) -> bool:
+        "Add one pair of minibatch losses; whether the guarded run's smoothed loss exceeds the shadow's by more than `tolerance` times the shadow's above `floor`"
         if self.smoothed is None: self.smoothed = (loss_guarded, loss_shadow)
         else: self.smoothed = tuple(smoothing * old + (1 - smoothing) * new for old, new in zip(self.smoothed, (loss_guarded, loss_shadow)))
         guarded, shadow = self.smoothed
-        if math.isfinite(guarded) and guarded - shadow <= tolerance * abs(shadow): return False
+        if math.isfinite(guarded) and guarded - shadow <= tolerance * abs(shadow - floor): return False
         self.smoothed = (shadow, shadow)   # the guarded run is about to continue from the shadow's point
         return True
 
@@ -313,7 +313,8 @@ class Guard(Optimizer):
                  grad_hook: Callable[[list[Tensor]], object] | None = None,  # called on the parameters with a gradient before both proposals (clipping)
                  process_group=None,        # where candidate losses are averaged under torch.distributed (None: the default group)
                  shadow: float | None = None,   # reset to the fallback's shadow run when the guarded run's smoothed loss exceeds it by this fraction; None: no shadow run
-                 smoothing: float = 0.9):   # weight of the past in the smoothed minibatch losses the shadow rule compares, in (0, 1)
+                 smoothing: float = 0.9,    # weight of the past in the smoothed minibatch losses the shadow rule compares, in (0, 1)
+                 loss_floor: float = 0.0):  # a lower bound of the loss (0: cross-entropy, squared error); the tolerance is relative to the loss above it
         params = check_same_params(learned, fallback)
         check_one_gradient_per_step(learned, fallback)
         check_unsharded(params)
@@ -322,6 +323,8 @@ class Guard(Optimizer):
         if shadow is not None and (isinstance(shadow, bool) or not isinstance(shadow, (int, float)) or not 0 <= shadow < 1):
             raise ValueError(f"shadow must be None or a tolerance in [0, 1), e.g. 0.02, got {shadow!r}")
         _check_fraction('smoothing', smoothing)
+        if isinstance(loss_floor, bool) or not isinstance(loss_floor, (int, float)) or not math.isfinite(loss_floor):
+            raise ValueError(f"loss_floor must be a finite number, got {loss_floor!r}")
         self.learned, self.fallback, self._ready = learned, fallback, False
         super().__init__(params, {})
         self.defaults, self._ready = fallback.defaults, True
@@ -332,6 +335,7 @@ class Guard(Optimizer):
         self._pending, self._provisional, self._evaluate_with_graph = False, None, False
         self._buf, self._txn = CandidateBuffers(), None
         self.shadow, self.smoothing, self.resets, self._shadow = (None if shadow is None else float(shadow)), float(smoothing), 0, None
+        self.loss_floor = float(loss_floor)
 
     @property
     def param_groups(self):
@@ -579,7 +583,7 @@ class Guard(Optimizer):
             run = self._shadow = ShadowRun(self.fallback, params)   # starts here: same point, same loss and gradient
             grads = [None if p.grad is None else p.grad.clone() for p in params]
             values = self._loss_values(loss) * 2
-            run.behind(*values, self.shadow, self.smoothing)   # starts the smoothed losses
+            run.behind(*values, self.shadow, self.smoothing, self.loss_floor)   # starts the smoothed losses
         else:
             loss_s, grads, here = self._evaluate_shadow(closure, trainable, grad=True)
             values = self._loss_values(loss, loss_s)
@@ -588,7 +592,7 @@ class Guard(Optimizer):
                 entry['shadow_restarted'] = True
                 grads = None
                 buf.load(here)
-            elif run.behind(*values, self.shadow, self.smoothing): self._reset_to(run, entry, grads)
+            elif run.behind(*values, self.shadow, self.smoothing, self.loss_floor): self._reset_to(run, entry, grads)
             else: buf.load(here)
         if grads is not None:
             self._txn['shadow_grads'] = grads   # its step is the call's last change (`_shadow_step_last`): nothing after it can fail
@@ -610,7 +614,7 @@ class Guard(Optimizer):
         loss_s, _, here = self._evaluate_shadow(closure, trainable, grad=False)
         values = self._loss_values(loss, loss_s)
         if self.record: entry.update(loss_shadow=values[1])
-        if math.isfinite(values[1]) and run.behind(*values, self.shadow, self.smoothing):
+        if math.isfinite(values[1]) and run.behind(*values, self.shadow, self.smoothing, self.loss_floor):
             self._reset_to(run, entry)
             return loss_s.detach()
         self._buf.load(here)

@@ -18,10 +18,12 @@ def _bench_results(run_notebook) -> dict:
 
 def test_lgl2o_never_diverges_and_costs_one_backward(run_notebook):
     summary = pd.DataFrame(_bench_results(run_notebook)['summary'])
-    lg, gl = summary[summary['kind'] == 'lgl2o'], summary[summary['kind'] == 'gl2o']
-    assert len(lg) and len(gl)
-    assert lg['diverged'].sum() == 0
+    lg, gl = summary[(summary['kind'] == 'lgl2o') & (summary['rule'] == 'paper')], summary[summary['kind'] == 'gl2o']
+    shadow = summary[summary['rule'] == 'shadow']
+    assert len(lg) and len(gl) and len(shadow)
+    assert lg['diverged'].sum() == 0 and shadow['diverged'].sum() == 0
     assert (lg['backward_per_step'] == 1).all()                       # one gradient per step, whatever is chosen
+    assert shadow['backward_per_step'].between(1.9, 2.0).all()       # and one more for the shadow run (none at its first step)
     assert (gl['backward_per_step'] > 1.5).all()                      # GL2O evaluates a gradient at the learned candidate too
     same = lg[lg['optimizer'].str.contains('same batch')]
     assert (same['forward_per_step'] == 3).all()                      # same-batch rule: one forward for the gradient, two to compare
@@ -35,9 +37,19 @@ def test_lgl2o_over_sgd_keeps_the_better_component(run_notebook):
     assert (sgd_guard['ratio'] <= 1.10).all(), sgd_guard
 
 
+def test_the_shadow_rule_is_never_worse_than_its_fallback_where_the_paper_rule_is(run_notebook):
+    r = _bench_results(run_notebook)
+    v = pd.DataFrame(r['fallback_verdicts'])
+    shadow, paper = v[v['rule'] == 'shadow'], v[(v['rule'] == 'paper') & v['guard'].str.startswith('LGL2O(')]
+    assert shadow['never_worse'].all(), shadow
+    assert not paper['never_worse'].all()                             # the small run has a case where the paper's rule is worse
+    card = {(c['kind'], c['rule']): c for c in r['scorecard']}
+    assert card['LGL2O', 'shadow']['never_worse'] == card['LGL2O', 'shadow']['cases']
+
+
 def test_cost_figures_are_printed(run_notebook):
     r = _bench_results(run_notebook)
-    assert {'LGL2O/unguarded (lstm-mnist)', 'lstm-mnist/Adam'} <= set(r['ratios'])
+    assert {'LGL2O/unguarded (lstm-mnist)', 'lstm-mnist/Adam', 'LGL2O shadow/paper rule (lstm-mnist)'} <= set(r['ratios'])
     assert all(v > 0 for v in r['ratios'].values())
 
 
@@ -47,7 +59,8 @@ def test_same_seeds_same_table():
         return res.steps.drop(columns=['seconds'])
     a, b = run(), run()
     pd.testing.assert_frame_equal(a, b)
-    assert set(a['optimizer']) == {'SGD', 'Adam', 'lstm-mnist', 'LGL2O(lstm-mnist, SGD)', 'LGL2O(lstm-mnist, Adam)', 'GL2O(lstm-mnist, SGD)'}
+    assert set(a['optimizer']) == {'SGD', 'Adam', 'lstm-mnist', 'LGL2O(lstm-mnist, SGD)', 'LGL2O(lstm-mnist, Adam)', 'GL2O(lstm-mnist, SGD)',
+                                   'LGL2O(lstm-mnist, SGD, shadow)', 'LGL2O(lstm-mnist, Adam, shadow)'}
 
 
 def test_verdicts_compare_with_the_components():

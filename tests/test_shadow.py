@@ -259,3 +259,15 @@ def test_a_failing_shadow_step_changes_nothing_else_and_the_shadow_starts_again(
     assert (g.counts, g.steps, len(g.history), g.shadow_run) == (counts, steps, history, None)
     g.step(lambda: mse(m, batches[4]))   # the loop goes on; the shadow starts again where the parameters are
     assert g.shadow_run is not None and not g.shadow_run.opt.fail
+
+
+def test_the_tolerance_is_relative_to_the_loss_above_its_floor():
+    "A loss with a large offset (a quadratic's raw value near -5000) would make 2% of it a huge margin; above its floor it is not"
+    run = object.__new__(ShadowRun); run.smoothed = None
+    assert not run.behind(-5000.0, -5000.0, 0.02, 0.9, floor=-5060.0)
+    assert run.behind(-4990.0, -5000.0, 0.02, 0.0, floor=-5060.0)      # 10 above a shadow 60 above the floor: behind
+    run.smoothed = None
+    assert not run.behind(-4990.0, -5000.0, 0.02, 0.0)                 # with the default floor 0 it would pass (10 < 100)
+    lin = nn.Linear(1, 1)
+    with pytest.raises(ValueError, match='loss_floor must be a finite number'):
+        LossGuard(torch.optim.SGD(lin.parameters(), lr=0.1), torch.optim.SGD(lin.parameters(), lr=0.1), loss_floor=math.nan)
