@@ -122,12 +122,12 @@ def scenarios(full: bool = False) -> dict[str, Scenario]:
     return {x.name: x for x in s}
 
 # %% ../nbs/05_bench.ipynb #4f62f417
-def contenders(scenario: Scenario, nets: list[str]) -> list[Contender]:
-    "Who competes in `scenario`: tuned SGD and Adam, each net alone, and LGL2O (both rules) and GL2O over it"
+def contenders(scenario: Scenario, nets: list[str], rules: tuple = RULES) -> list[Contender]:
+    "Who competes in `scenario`: tuned SGD and Adam, each net alone, and LGL2O (by each of `rules`) and GL2O over it"
     out = [Contender('sgd'), Contender('adam')]
     for n in nets:
-        out += [Contender('learned', n), Contender('lgl2o', n, 'sgd'), Contender('lgl2o', n, 'adam'), Contender('gl2o', n, 'sgd'),
-                Contender('lgl2o', n, 'sgd', rule='shadow'), Contender('lgl2o', n, 'adam', rule='shadow')]
+        out += [Contender('learned', n), Contender('lgl2o', n, 'sgd'), Contender('lgl2o', n, 'adam'), Contender('gl2o', n, 'sgd')]
+        if 'shadow' in rules: out += [Contender('lgl2o', n, 'sgd', rule='shadow'), Contender('lgl2o', n, 'adam', rule='shadow')]
         if scenario.ablation: out += [Contender('lgl2o', n, 'sgd', 'same'), Contender('lgl2o', n, 'adam', 'same')]
     return out
 
@@ -230,7 +230,8 @@ def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run
                   tune_steps: int = 200,            # cap on the tuning horizon
                   max_steps: int | None = None,     # shorten every scenario to at most this many steps (quick runs)
                   net_loader: Callable[[str], LearnedNet] = load_pretrained,  # how a net name becomes a net
-                  progress: bool = True) -> BenchmarkResult:
+                  progress: bool = True,            # a progress bar on stderr
+                  rules: tuple = RULES) -> BenchmarkResult:   # LGL2O's rules to run: 'paper' (a paper's reproduction) and 'shadow'
     "Train every contender of every chosen scenario for every seed; the tidy results"
     available = scenarios(full)
     chosen = list(available.values()) if names is None else [n if isinstance(n, Scenario) else available.get(n, n) for n in names]
@@ -240,7 +241,9 @@ def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run
     if twice: raise ValueError(f"two scenarios are named {twice}; give each scenario its own name")
     if max_steps: chosen = [v.with_steps(min(v.steps, max_steps)) for v in chosen]
     loaded = {n: net_loader(n) for n in nets}
-    plan = [(sc, c, s) for sc in chosen for c in contenders(sc, list(nets)) for s in seeds]
+    unknown = [r for r in rules if r not in RULES]
+    if unknown or 'paper' not in rules: raise ValueError(f"rules must include 'paper' and be among {list(RULES)}, got {list(rules)}")
+    plan = [(sc, c, s) for sc in chosen for c in contenders(sc, list(nets), rules) for s in seeds]
     rows, tuning, lrs, cache, tasks = [], [], {}, {}, {}
     bar = tqdm(plan, desc='lgl2o-bench', disable=not progress, unit='run')
     for sc, c, seed in bar:
@@ -256,7 +259,7 @@ def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run
         rows += [{'scenario': sc.name, 'optimizer': c.name, **asdict(c), 'seed': seed, **r} for r in cache[key]]
     config = {'scenarios': {sc.name: sc.config(tasks.get(sc.name)) for sc in chosen}, 'seeds': list(seeds),
               'nets': list(nets), 'full': full, 'tune_steps': tune_steps, 'max_steps': max_steps, 'lr_grid': LR_GRID, 'tuning_seed': TUNING_SEED,
-              'learning_rates': lrs, 'contenders': {sc.name: [asdict(c) | {'name': c.name} for c in contenders(sc, list(nets))] for sc in chosen},
+              'learning_rates': lrs, 'rules': list(rules), 'contenders': {sc.name: [asdict(c) | {'name': c.name} for c in contenders(sc, list(nets), rules)] for sc in chosen},
               'versions': {'torch': torch.__version__, 'python': platform.python_version()}}
     return BenchmarkResult(pd.DataFrame(rows), pd.DataFrame(tuning), config)
 
