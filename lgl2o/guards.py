@@ -9,6 +9,7 @@ import contextlib
 import copy
 import inspect
 import math
+import warnings
 from collections import OrderedDict, deque
 from typing import Callable
 
@@ -243,26 +244,50 @@ def _copy_onto(opt: Optimizer, memo: dict) -> Optimizer:
         copied.__dict__[k] = OrderedDict() if hooks else copy.deepcopy(v, memo)
     return copied
 
+def _same(a, b) -> bool:
+    "Whether two param-group values are equal (tensors: same shape and entries)"
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    try: return bool(a == b)
+    except Exception: return a is b
+
+def _group_values(opt: Optimizer) -> list[dict]:
+    return [{k: _copied(v) for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+
 class ShadowRun:
     "The fallback optimizer run alone beside a guarded run: its own copy of the parameters and of the fallback's state"
     def __init__(self, fallback: Optimizer, params: list[Tensor]):
         self.params = [p.detach().clone() for p in params]   # where the fallback alone would be
         self.opt = _copy_onto(fallback, dict(zip(map(id, params), self.params)))
-        self._sources = [id(p) for p in params]
+        self._sources = list(params)   # references, not ids: a deepcopy or pickle of the guard maps them with the model
+        self._seen = _group_values(fallback)
         self.smoothed = None       # (guarded, shadow): smoothed minibatch losses
 
     def holds(self, params: list[Tensor]) -> bool:
         "Whether this run shadows exactly these parameter tensors"
-        return self._sources == [id(p) for p in params]
+        return len(params) == len(self._sources) and all(a is b for a, b in zip(params, self._sources))
 
     @torch.no_grad()
     def load_into(self, params: list[Tensor]): torch._foreach_copy_(params, self.params)
 
-    @torch.no_grad()
-    def refresh_frozen(self, params: list[Tensor]):
-        "Parameters that do not train keep the model's values (a user may load or change them)"
-        for p, s in zip(params, self.params):
-            if not p.requires_grad: s.copy_(p)
+    def follow_outside_changes(self, fallback: Optimizer):
+        "Take the group values (learning rate, momentum, ...) a scheduler or the user changed in the fallback since `note_groups`"
+        for mine, before, now in zip(self.opt.param_groups, self._seen, fallback.param_groups):
+            for k, v in now.items():
+                if k != 'params' and (k not in before or not _same(before[k], v)): mine[k] = _copied(v)
+
+    def note_groups(self, fallback: Optimizer):
+        "The fallback's group values as a call leaves them; running values its own step keeps there are not the shadow's to copy"
+        self._seen = _group_values(fallback)
+
+    def hooked(self, grads: list, grad_hook) -> list:
+        "`grads` after the user's `grad_hook` (clipping) ran on them, as on the fallback's own parameters"
+        for s, g in zip(self.params, grads): s.grad = g
+        try:
+            grad_hook([s for s in self.params if s.grad is not None])
+            return [s.grad for s in self.params]
+        finally:
+            for s in self.params: s.grad = None
 
     def behind(self, loss_guarded: float, loss_shadow: float, tolerance: float, smoothing: float, floor: float = 0.0) -> bool:
         "Add one pair of minibatch losses; whether the guarded run's smoothed loss exceeds the shadow's by more than `tolerance` times the shadow's above `floor`"
@@ -273,20 +298,17 @@ class ShadowRun:
         self.smoothed = (shadow, shadow)   # the guarded run is about to continue from the shadow's point
         return True
 
-    def step(self, grads: list, fallback: Optimizer, grad_hook=None):
-        "One step of the fallback alone from `grads` (which it takes over), with the fallback's current hyper-parameters (an LR schedule acts on both)"
-        for mine, theirs in zip(self.opt.param_groups, fallback.param_groups):
-            mine.update({k: v for k, v in theirs.items() if k != 'params'})
+    def step(self, grads: list):
+        "One step of the fallback alone from `grads` (which it takes over)"
         for s, g in zip(self.params, grads): s.grad = g
-        if grad_hook is not None: grad_hook([s for s in self.params if s.grad is not None])
         self.opt.step()
         for s in self.params: s.grad = None
 
-    def copy_state_to(self, fallback: Optimizer, params: list[Tensor]):
-        "Give the guarded run's fallback this run's optimizer state"
-        for p, s in zip(params, self.params):
-            if s in self.opt.state: fallback.state[p] = {k: _copied(v) for k, v in self.opt.state[s].items()}
-            else: fallback.state.pop(p, None)
+    def copy_state_to(self, fallback: Optimizer):
+        "Make the guarded run's fallback a copy of this run's optimizer (state, group values, a wrapper's inner optimizer), keeping its hooks"
+        fresh = _copy_onto(self.opt, {id(s): p for s, p in zip(self.params, self._sources)})
+        own = {k for k in vars(fallback) if k == 'step' or (k.startswith('_optimizer_') and k.endswith('_hooks'))}
+        fallback.__dict__.update({k: v for k, v in vars(fresh).items() if k not in own})   # replaces objects: a rollback puts the old ones back
 
     def state_dict(self) -> dict:
         return {'params': [s.clone() for s in self.params], 'optimizer': self.opt.state_dict(), 'smoothed': self.smoothed}
@@ -335,7 +357,7 @@ class Guard(Optimizer):
         self._pending, self._provisional, self._evaluate_with_graph = False, None, False
         self._buf, self._txn = CandidateBuffers(), None
         self.shadow, self.smoothing, self.resets, self._shadow = (None if shadow is None else float(shadow)), float(smoothing), 0, None
-        self.loss_floor = float(loss_floor)
+        self.loss_floor, self._settled, self._restarts, self._warned = float(loss_floor), None, 0, False
 
     @property
     def param_groups(self):
@@ -382,7 +404,8 @@ class Guard(Optimizer):
     def _scalars(self) -> dict:
         "The guard's own bookkeeping, as a failed call must leave it"
         return dict(counts=dict(self.counts), evaluations=dict(self.evaluations), last_choice=self.last_choice,
-                    steps=self.steps, _pending=self._pending, _provisional=self._provisional, resets=self.resets, _shadow=self._shadow)
+                    steps=self.steps, _pending=self._pending, _provisional=self._provisional, resets=self.resets, _shadow=self._shadow,
+                    _restarts=self._restarts)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -401,7 +424,11 @@ class Guard(Optimizer):
     def _rollback(self, txn: dict, params: list[Tensor]):
         for name, opt in (('learned', self.learned), ('fallback', self.fallback)):
             if name in txn['states']: restore_optimizer(opt, txn['states'][name])
+        if 'fallback_dict' in txn: vars(self.fallback).clear(); vars(self.fallback).update(txn['fallback_dict'])
         if 'shadow' in txn: txn['shadow'][0].smoothed = txn['shadow'][1]
+        if 'shadow_values' in txn:
+            run, values = txn['shadow_values']
+            with torch.no_grad(): torch._foreach_copy_(run.params, values)
         if txn['entry'] is not None: txn['entry'].load()
         self._buf.points, self._buf.holding = txn['points'], None
         for p, g in zip(params, txn['grads']): p.grad = g
@@ -528,15 +555,26 @@ class Guard(Optimizer):
 
     def _start(self) -> tuple[dict, dict]:
         "Drop a pending decision if someone moved the parameters; note what the parameters hold"
-        entry = {'step': self.steps}
+        entry, self._settled = {'step': self.steps}, None
+        moved = False
         if self._pending and self._buf.differ(self._provisional):   # compares values: `p.data` writes leave no version behind
-            self._pending, self._shadow = False, None
+            self._pending, self._shadow, moved = False, None, True
             entry['dropped'] = self.steps - 1
         elif self._shadow is not None and not self._pending and 'left' in self._buf.points and self._buf.differ('left'):
-            self._shadow = None   # moved from outside: the shadow run starts again from where the parameters are
+            self._shadow, moved = None, True   # moved from outside: the shadow run starts again from where the parameters are
             entry['shadow_restarted'] = True
+        self._note_outside_change(moved)
         self._buf.holding = self._provisional if self._pending else None
         return entry, dict(self.evaluations)
+
+    def _note_outside_change(self, moved: bool):
+        "Warn once when the parameters are moved from outside at every step: a projection after each step leaves the shadow nothing to guard"
+        self._restarts = self._restarts + 1 if moved else 0
+        if self.shadow is not None and self._restarts >= 10 and not self._warned:
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: the parameters were changed between steps at each of the last 10 steps (a projection or "
+                          "weight clipping after each step?), so the shadow run starts again every step and guards nothing: put the "
+                          "constraint in the model (torch.nn.utils.parametrize) or use shadow=None", RuntimeWarning, stacklevel=4)
 
     def _finish(self, entry: dict, before: dict, loss: Tensor):
         if self.record:
@@ -573,6 +611,7 @@ class Guard(Optimizer):
         "Book the decision of step `decided`"
         self.counts[choice] += 1
         self.last_choice = choice
+        self._settled = info   # what this call decided on (the shadow rule reads the fallback candidate's loss)
         if self.record: entry.update(decided=decided, choice=choice, **info)
 
     # the shadow run ---------------------------------------------------------------------------------
@@ -585,24 +624,35 @@ class Guard(Optimizer):
             values = self._loss_values(loss) * 2
             run.behind(*values, self.shadow, self.smoothing, self.loss_floor)   # starts the smoothed losses
         else:
-            loss_s, grads, here = self._evaluate_shadow(closure, trainable, grad=True)
-            values = self._loss_values(loss, loss_s)
+            run.follow_outside_changes(self.fallback)
+            loss_s, grads, back = self._evaluate_shadow(closure, trainable, grad=True)
+            values = [self._guarded_value(loss), *self._loss_values(loss_s)]
             if not (math.isfinite(values[1]) and all_finite([g for g in grads if g is not None])):
                 self._shadow = None   # the fallback alone has diverged: nothing to fall back to; it starts again next step
                 entry['shadow_restarted'] = True
                 grads = None
-                buf.load(here)
+                back()
             elif run.behind(*values, self.shadow, self.smoothing, self.loss_floor): self._reset_to(run, entry, grads)
-            else: buf.load(here)
+            else: back()
         if grads is not None:
+            if self.grad_hook is not None: grads = run.hooked(grads, self.grad_hook)   # before anything is kept: it may raise
             self._txn['shadow_grads'] = grads   # its step is the call's last change (`_shadow_step_last`): nothing after it can fail
             if self.record: entry.update(loss_shadow=values[1])
+
+    def _guarded_value(self, loss: Tensor) -> float:
+        "The guarded run's loss to compare with the shadow's on this minibatch"
+        # A candidate chosen on this very minibatch (`compare='next'`) looks better on it than it is; the fallback's candidate
+        # from the same point was not chosen for its loss here, and it is the shadow's twin (one fallback step from each run)
+        settled = self._settled
+        if settled is not None and math.isfinite(settled.get('loss_fallback', math.nan)): return settled['loss_fallback']
+        return self._loss_values(loss)[0]
 
     def _shadow_step_last(self):
         "The shadow run's own step, from the gradient `_shadow_step` computed; if it fails, the shadow starts again at the next step"
         grads = self._txn.pop('shadow_grads', None)
+        if self._shadow is not None: self._shadow.note_groups(self.fallback)
         if grads is None: return
-        try: self._shadow.step(grads, self.fallback, self.grad_hook)   # takes `grads` over: a reset gave the guarded run copies
+        try: self._shadow.step(grads)   # takes `grads` over: a reset gave the guarded run copies
         except BaseException:
             self._txn['shadow_broken'] = True   # half a step of its optimizer cannot be undone without copying its state at every step
             raise
@@ -611,26 +661,35 @@ class Guard(Optimizer):
         "At a decision without a step (`resolve`): reset to the shadow's point if the guarded run has fallen behind; the loss where the parameters are left"
         run = self._shadow
         if run is None or not run.holds(self._params): return loss
-        loss_s, _, here = self._evaluate_shadow(closure, trainable, grad=False)
-        values = self._loss_values(loss, loss_s)
+        loss_s, _, back = self._evaluate_shadow(closure, trainable, grad=False)
+        values = [self._guarded_value(loss), *self._loss_values(loss_s)]
         if self.record: entry.update(loss_shadow=values[1])
-        if math.isfinite(values[1]) and run.behind(*values, self.shadow, self.smoothing, self.loss_floor):
+        behind = run.behind(*values, self.shadow, self.smoothing, self.loss_floor)
+        # a run may end here: behind on this minibatch alone is enough (a wrong reset costs little where the runs are level)
+        behind = behind or values[0] - values[1] > self.shadow * abs(values[1] - self.loss_floor)
+        if math.isfinite(values[1]) and behind:
+            run.smoothed = (values[1], values[1]) if run.smoothed is None else (run.smoothed[1],) * 2
             self._reset_to(run, entry)
+            run.note_groups(self.fallback)
             return loss_s.detach()
-        self._buf.load(here)
+        back()
         return loss
 
     def _evaluate_shadow(self, closure: Callable, trainable: list[Tensor], grad: bool) -> tuple:
-        "The loss at the shadow's point (left in the parameters), its gradient if `grad` (the parameters' `.grad` unchanged), and the name of the point the parameters held"
-        run, buf, params = self._shadow, self._buf, self._params
-        self._txn['shadow'] = (run, run.smoothed)   # its tensors change only in `_shadow_step_last`
-        run.refresh_frozen(params)
+        "The loss at the shadow's point (left in the parameters), its gradient if `grad` (the parameters' `.grad` unchanged), and a function that puts the guarded point back"
+        run, buf, params, txn = self._shadow, self._buf, self._params, self._txn
+        txn['shadow'] = (run, run.smoothed)   # its tensors change only in `_shadow_step_last` (or below, rarely)
         here = buf.holding if buf.holding is not None and buf[buf.holding].holds(trainable) else None
         if here is None: buf.save('theta', trainable); here = 'theta'
+        frozen = [(p, p.detach().clone()) for p in params if not p.requires_grad]   # the shadow keeps its own values of these too
         run.load_into(params); buf.holding = None
+        versions = [p._version for p in params]
         after = random_state(self._devices)
-        set_random_state(self._txn['rng'])          # the random draws of this call's forward: the same dropout masks
+        set_random_state(txn['rng'])          # the random draws of this call's forward: the same dropout masks
         loss_s, recorder = self._forward(closure, grad=grad)
+        if any(p._version != v for p, v in zip(params, versions)):   # the forward changed parameters in place (Embedding's max_norm)
+            txn.setdefault('shadow_values', (run, [s.clone() for s in run.params]))
+            with torch.no_grad(): torch._foreach_copy_(run.params, params)
         grads = None
         if grad:
             kept = [p.grad for p in params]
@@ -638,14 +697,19 @@ class Guard(Optimizer):
             grads = [p.grad for p in params]
             for p, g in zip(params, kept): p.grad = g
         recorder.restore(); set_random_state(after) # module buffers and the random stream follow the guarded run
-        return loss_s, grads, here
+        def back():
+            buf.load(here)
+            with torch.no_grad():
+                for p, v in frozen: p.copy_(v)
+        return loss_s, grads, back
 
     def _reset_to(self, run: 'ShadowRun', entry: dict, grads: list | None = None):
         "The guarded run takes the shadow's point (already in the parameters), fallback state and, for a step, gradient"
-        self._txn['states']['fallback'] = snapshot_optimizer(self.fallback)
+        self._txn['states'].setdefault('fallback', snapshot_optimizer(self.fallback))
+        self._txn.setdefault('fallback_dict', dict(vars(self.fallback)))
         if grads is not None:
             for p, g in zip(self._params, grads): p.grad = None if g is None else g.clone()
-        run.copy_state_to(self.fallback, self._params)
+        run.copy_state_to(self.fallback)
         self.resets += 1
         entry['reset'] = True
 

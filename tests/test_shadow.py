@@ -271,3 +271,162 @@ def test_the_tolerance_is_relative_to_the_loss_above_its_floor():
     lin = nn.Linear(1, 1)
     with pytest.raises(ValueError, match='loss_floor must be a finite number'):
         LossGuard(torch.optim.SGD(lin.parameters(), lr=0.1), torch.optim.SGD(lin.parameters(), lr=0.1), loss_floor=math.nan)
+
+
+# --- found by trying to break it: each is a case where the shadow was not the fallback alone -------------------
+
+class CountingSGD(torch.optim.Optimizer):
+    "An optimizer that keeps a running value in its param group (as schedule-free optimizers do), as a number or a tensor"
+    def __init__(self, params, lr, tensor=False): super().__init__(params, dict(lr=lr, k=torch.zeros(()) if tensor else 0))
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is not None: p.add_(p.grad, alpha=-g['lr'] / (1 + float(g['k'])))
+            g['k'] += 1
+
+
+def plain(model, opt, batches):
+    for b in batches: opt.zero_grad(); mse(model, b).backward(); opt.step()
+    return model
+
+
+@pytest.mark.parametrize('tensor', [False, True])
+@pytest.mark.parametrize('compare', ['next', 'same'])
+def test_running_values_in_param_groups_are_the_shadows_own(tensor, compare):
+    batches = regression(12)
+    m = net(dropout=0.0); plain(m, CountingSGD(m.parameters(), 0.3, tensor), batches)
+    m2 = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m2.parameters(), lr=0.5), CountingSGD(m2.parameters(), 0.3, tensor), compare=compare, shadow=0.02)
+    for b in batches: g.step(lambda: mse(m2, b))
+    assert all(torch.equal(s, p) for s, p in zip(g.shadow_run.params, m.parameters()))
+    assert float(g.fallback.param_groups[0]['k']) == float(g.shadow_run.opt.param_groups[0]['k']) == 12
+    m3 = net(dropout=0.0)   # over one optimizer twice, the guarded run is that optimizer alone
+    g3 = LossGuard(CountingSGD(m3.parameters(), 0.3, tensor), CountingSGD(m3.parameters(), 0.3, tensor), compare=compare, shadow=0.02)
+    for b in batches: g3.step(lambda: mse(m3, b))
+    g3.resolve(lambda: mse(m3, batches[0]))
+    assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), m.parameters()))
+
+
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+def test_a_copy_of_model_and_guard_continues_with_its_shadow(how):
+    import pickle
+    batches = regression(10)
+    m = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m.parameters(), lr=0.5), torch.optim.Adam(m.parameters(), lr=0.01), shadow=0.02, record=True)
+    for b in batches[:4]: g.step(lambda: mse(m, b))
+    m2, g2 = copy.deepcopy((m, g)) if how == 'deepcopy' else pickle.loads(pickle.dumps((m, g)))
+    assert g2.shadow_run.holds(g2._params) and g2.shadow_run.params[0] is not g.shadow_run.params[0]
+    for b in batches[4:]: g.step(lambda: mse(m, b)); g2.step(lambda: mse(m2, b))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g.shadow_run.params, g2.shadow_run.params))
+
+
+def test_parameters_renormalised_in_the_forward_are_renormalised_in_the_shadow():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__(); torch.manual_seed(0)
+            self.emb, self.out = nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 1)
+            with torch.no_grad(): self.emb.weight.mul_(3)
+        def forward(self, i): return self.out(self.emb(i))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 10, (8,), generator=g), torch.randn(8, 1, generator=g)) for _ in range(10)]
+    m = Net(); plain(m, torch.optim.SGD(m.parameters(), lr=0.1), data)
+    m2 = Net()
+    guard = LossGuard(torch.optim.SGD(m2.parameters(), lr=0.5), torch.optim.SGD(m2.parameters(), lr=0.1), shadow=0.02)
+    for b in data: guard.step(lambda: mse(m2, b))
+    assert all(torch.equal(s, p) for s, p in zip(guard.shadow_run.params, m.parameters()))
+
+
+@pytest.mark.parametrize('compare', ['next', 'same'])
+def test_a_layer_frozen_and_unfrozen_mid_run_keeps_the_shadows_own_values(compare):
+    batches = regression(16)
+    def run(opt, m):
+        for t, b in enumerate(batches):
+            if t == 4: m[0].weight.requires_grad_(False)
+            if t == 10: m[0].weight.requires_grad_(True)
+            if isinstance(opt, LossGuard): opt.step(lambda: mse(m, b))
+            else: opt.zero_grad(); mse(m, b).backward(); opt.step()
+    m = net(dropout=0.0); run(torch.optim.Adam(m.parameters(), lr=0.01), m)
+    m2 = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m2.parameters(), lr=0.5), torch.optim.Adam(m2.parameters(), lr=0.01), shadow=0.9, compare=compare)
+    run(g, m2)
+    assert all(torch.equal(s, p) for s, p in zip(g.shadow_run.params, m.parameters()))
+
+
+@pytest.mark.parametrize('fail_at', [1, 2])   # each step clips the shadow's gradient first, then the guarded run's
+def test_a_grad_hook_raising_on_either_run_changes_nothing(fail_at):
+    "A loop that skips a step whose gradient the hook refuses goes on as if the hook had not been called"
+    class Skip(Exception): pass
+    batches = regression(8)
+    def run(fail_call):
+        m, calls, raised = net(dropout=0.0), [0], [0]
+        def hook(ps):
+            calls[0] += 1
+            if calls[0] == fail_call: raise Skip
+            nn.utils.clip_grad_norm_(ps, 0.1)
+        g = LossGuard(torch.optim.SGD(m.parameters(), lr=0.2), torch.optim.Adam(m.parameters(), lr=0.01), shadow=0.02, grad_hook=hook)
+        for b in batches:
+            try: g.step(lambda: mse(m, b))
+            except Skip: raised[0] += 1; g.step(lambda: mse(m, b))
+        return m, g, raised[0]
+    (m, g, _), (m2, g2, raised) = run(None), run(2 * 4 + fail_at)   # two calls per step: the 5th step's first or second
+    assert raised == 1
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g.shadow_run.params, g2.shadow_run.params))
+
+
+class Lookahead(torch.optim.Optimizer):
+    "A wrapper optimizer (Zhang et al., 2019): its inner optimizer's state is not in its own `state`"
+    def __init__(self, inner, k=5, alpha=0.5):
+        self.optimizer, self.k, self.alpha, self.n = inner, k, alpha, 0
+        self.slow = [p.detach().clone() for g in inner.param_groups for p in g['params']]
+        super().__init__([p for g in inner.param_groups for p in g['params']], {})
+        self.param_groups = inner.param_groups
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.optimizer.step(); self.n += 1
+        if self.n % self.k == 0:
+            ps = [p for g in self.param_groups for p in g['params']]
+            for p, s in zip(ps, self.slow): s.add_(p - s, alpha=self.alpha); p.copy_(s)
+
+
+def test_a_reset_gives_the_fallback_the_shadows_whole_optimizer():
+    batches = regression(40)
+    m = net(dropout=0.0); ps = list(m.parameters())
+    g = LossGuard(torch.optim.SGD(ps, lr=0.3), Lookahead(torch.optim.Adam(ps, lr=0.01)), shadow=0.1, compare='same', record=True)
+    for b in batches:
+        g.step(lambda: mse(m, b))
+        if g.history[-1].get('reset'): break
+    else: pytest.fail('no reset')
+    # the fallback's candidate was made from the shadow's whole optimizer, and the shadow took the same step since
+    f, s = g.fallback, g.shadow_run.opt
+    assert f.n == s.n and f.optimizer is not s.optimizer
+    for p, q in zip(ps, g.shadow_run.params):
+        assert torch.equal(f.optimizer.state[p]['exp_avg'], s.optimizer.state[q]['exp_avg'])
+
+
+def test_an_ascending_learned_optimizer_ends_within_the_tolerance_of_the_fallback_alone():
+    "Deciding on the next minibatch, the chosen candidate looks better on it than it is: the shadow compares the unchosen fallback twin"
+    g = torch.Generator().manual_seed(3); w = torch.randn(4, 1, generator=g)
+    data = []
+    for _ in range(60):
+        x = torch.randn(8, 4, generator=g); data.append((x, torch.sin(x @ w) + 0.5 * torch.randn(8, 1, generator=g)))
+    full = lambda m: sum(mse(m, b).item() for b in data) / len(data)
+    m = net(dropout=0.0); plain(m, torch.optim.Adam(m.parameters(), lr=0.01), data * 3)
+    for lr in (0.03, 0.1, 0.3):
+        m2 = net(dropout=0.0); ps = list(m2.parameters())
+        guard = LossGuard(torch.optim.SGD(ps, lr=lr, maximize=True), torch.optim.Adam(ps, lr=0.01), shadow=0.02)
+        for b in data * 3: guard.step(lambda: mse(m2, b))
+        guard.resolve(lambda: mse(m2, data[0]))
+        assert full(m2) <= 1.05 * full(m), (lr, full(m2) / full(m))
+
+
+def test_moving_the_parameters_after_every_step_is_named_in_a_warning():
+    batches = regression(14)
+    m = net(dropout=0.0)
+    g = LossGuard(torch.optim.SGD(m.parameters(), lr=0.3), torch.optim.Adam(m.parameters(), lr=0.01), shadow=0.02, compare='same')
+    with pytest.warns(RuntimeWarning, match='parametrize'):
+        for b in batches:
+            g.step(lambda: mse(m, b))
+            with torch.no_grad(): m[0].weight.clamp_(-0.1, 0.1)   # weight clipping after each step
