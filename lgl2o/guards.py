@@ -641,10 +641,13 @@ class Guard(Optimizer):
 
     def _guarded_value(self, loss: Tensor) -> float:
         "The guarded run's loss to compare with the shadow's on this minibatch"
-        # A candidate chosen on this very minibatch (`compare='next'`) looks better on it than it is; the fallback's candidate
-        # from the same point was not chosen for its loss here, and it is the shadow's twin (one fallback step from each run)
-        settled = self._settled
-        if settled is not None and math.isfinite(settled.get('loss_fallback', math.nan)): return settled['loss_fallback']
+        # A learned candidate chosen on this very minibatch (`compare='next'`) looks better on it than it is, and the fallback's
+        # candidate from the same point (the shadow's twin, one fallback step from each run) undersells a run the learned
+        # optimizer drives (alone, it reset runs the learned optimizer was leading): the comparison takes their mean
+        s = self._settled
+        if s is not None and math.isfinite(s.get('loss_fallback', math.nan)):
+            learned = s.get('loss_learned', math.nan)
+            return 0.5 * (learned + s['loss_fallback']) if learned < s['loss_fallback'] else s['loss_fallback']
         return self._loss_values(loss)[0]
 
     def _shadow_step_last(self):
