@@ -235,13 +235,18 @@ def _check_fraction(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
 
+def _is_hooks(name: str) -> bool: return name.startswith('_optimizer_') and name.endswith('_hooks')
+
+def _bound_to_the_object(name: str) -> bool:
+    "Attributes an optimizer object carries that are not its optimization state: an LR scheduler's wrapper of `step`, the user's hooks"
+    return name == 'step' or _is_hooks(name)
+
 def _copy_onto(opt: Optimizer, memo: dict) -> Optimizer:
     "A copy of `opt` (state, hyper-parameters, its subclass's attributes) over other tensors; `memo` maps id(parameter) to its tensor"
     copied = object.__new__(type(opt))   # not deepcopy(opt): Optimizer.__getstate__ drops a subclass's own attributes
     for k, v in vars(opt).items():
-        if k == 'step': continue         # an LR scheduler's wrapper of the original's `step`
-        hooks = k.startswith('_optimizer_') and k.endswith('_hooks')   # the user's hooks belong to the original
-        copied.__dict__[k] = OrderedDict() if hooks else copy.deepcopy(v, memo)
+        if _is_hooks(k): copied.__dict__[k] = OrderedDict()              # the user's hooks stay with the original
+        elif not _bound_to_the_object(k): copied.__dict__[k] = copy.deepcopy(v, memo)
     return copied
 
 def _same(a, b) -> bool:
@@ -307,8 +312,7 @@ class ShadowRun:
     def copy_state_to(self, fallback: Optimizer):
         "Make the guarded run's fallback a copy of this run's optimizer (state, group values, a wrapper's inner optimizer), keeping its hooks"
         fresh = _copy_onto(self.opt, {id(s): p for s, p in zip(self.params, self._sources)})
-        own = {k for k in vars(fallback) if k == 'step' or (k.startswith('_optimizer_') and k.endswith('_hooks'))}
-        fallback.__dict__.update({k: v for k, v in vars(fresh).items() if k not in own})   # replaces objects: a rollback puts the old ones back
+        fallback.__dict__.update({k: v for k, v in vars(fresh).items() if not _bound_to_the_object(k)})   # replaces objects: a rollback puts the old ones back
 
     def state_dict(self) -> dict:
         return {'params': [s.clone() for s in self.params], 'optimizer': self.opt.state_dict(), 'smoothed': self.smoothed}
@@ -394,7 +398,7 @@ class Guard(Optimizer):
 
     def __getstate__(self):
         "What deepcopy and pickle keep: both optimizers and the guard's state, not hooks or an LR scheduler's wrapper of `step` (as torch.optim)"
-        return {k: v for k, v in self.__dict__.items() if k not in ('_txn', 'step') and not (k.startswith('_optimizer_') and k.endswith('_hooks'))}
+        return {k: v for k, v in self.__dict__.items() if k != '_txn' and not _bound_to_the_object(k)}
 
     def __repr__(self):
         return (f"{type(self).__name__}(learned={type(self.learned).__name__}, fallback={type(self.fallback).__name__}, "
