@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views', 'flat_cat', 'unflatten',
+__all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views', 'flat_cat', 'split_coords', 'unflatten',
            'check_update_args', 'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments',
            'MLPNet', 'NominalNet', 'StepSizeNet', 'build_net', 'restore_net', 'check_lr', 'check_placement',
-           'nonfinite_tensors', 'check_step_inputs', 'denormals_flushed', 'LearnedOptimizer', 'check_states']
+           'nonfinite_tensors', 'check_step_inputs', 'denormals_flushed', 'check_compile', 'compile_update',
+           'LearnedOptimizer', 'check_states']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -48,6 +49,7 @@ def guard_grads(g: Tensor) -> Tensor:
 
 def cat_views(chunks: list[Tensor], dim: int = 0) -> Tensor:
     "`torch.cat(chunks, dim)`, but free when the chunks are, in order, all of the one tensor they are views of"
+    if torch.compiler.is_compiling(): return torch.cat(chunks, dim)   # compiled: the cat fuses, and no guard on view layouts
     base = chunks[0]._base   # our own updates return states and parameters as views of one flat result
     if base is not None and base.dim() == chunks[0].dim():
         offset = base.storage_offset()
@@ -62,6 +64,11 @@ def cat_views(chunks: list[Tensor], dim: int = 0) -> Tensor:
 def flat_cat(tensors: list[Tensor]) -> Tensor:
     "All `tensors` flattened and concatenated into one vector"
     return cat_views([t.reshape(-1) for t in tensors])
+
+def split_coords(t: Tensor, sizes: list[int]) -> list[Tensor]:
+    "`t.split(sizes, 1)`: views of `t`, or, when compiled, separate tensors with the layout of `init_state`'s (no recompile at step 1)"
+    pieces = t.split(sizes, 1)
+    return [c.contiguous() for c in pieces] if torch.compiler.is_compiling() else list(pieces)
 
 def unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     "Split a flat vector (or an [N, k] matrix, by rows) back into tensors shaped like `like`"
@@ -125,7 +132,7 @@ class LSTMNet(LearnedNet):
         new_states = [{} for _ in params]
         for l in layers:
             for k, t in ((f'h{l}', hs[l]), (f'c{l}', cs[l])):
-                for s, piece in zip(new_states, t.split(sizes, 1)): s[k] = piece
+                for s, piece in zip(new_states, split_coords(t, sizes)): s[k] = piece
         return unflatten(new, params), new_states
 
 # %% ../nbs/01_learned.ipynb #1bb2c613
@@ -206,7 +213,7 @@ class MLPNet(LearnedNet):
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         rs = torch.rsqrt(v + cfg['eps'])
         rows = [g[None], p.clamp(-GRAD_LIMIT, GRAD_LIMIT)[None], m, v.sqrt()[None], m * rs, rs[None]]
-        new_states = [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
+        new_states = [{'m': mi, 'v': vi} for mi, vi in zip(split_coords(m, sizes), v.split(sizes))]
         if cfg['factored']:
             vf, fac = factored_second_moments(params, (g * g).split(sizes), states, cfg['beta2'], cfg['eps'])
             rf = torch.rsqrt(torch.cat([f if f is not None else vi for f, vi in zip(vf, v.split(sizes))]) + cfg['eps'])
@@ -216,10 +223,10 @@ class MLPNet(LearnedNet):
         x = segment_rms_normalize(torch.cat(rows, 0), sizes, inplace=not torch.is_grad_enabled())
         return x, g, p, m, v, new_states
 
-    def mlp(self, x: Tensor, step: int) -> Tensor:
+    def mlp(self, x: Tensor, step: int | Tensor) -> Tensor:
         "The per-coordinate MLP on features `x` [F, N], outputs as rows [n_outputs, N]; the step embedding is a bias of the first layer"
         w, b, nf = self.input.weight, self.input.bias, self.n_features
-        if len(self.timescales): b = torch.addmv(b, w[:, nf:], torch.tanh(self.timescales.reciprocal() * float(step)))
+        if len(self.timescales): b = torch.addmv(b, w[:, nf:], torch.tanh(self.timescales.reciprocal() * (step if isinstance(step, Tensor) else float(step))))
         # every view and bias column is taken once per call, not once per block: each op has a fixed cost
         hidden = [(w[:, :nf], b[:, None])] + [(l.weight, l.bias[:, None]) for l in self.body if isinstance(l, nn.Linear)]
         out_weight, out_bias = self.output.weight, self.output.bias[:, None]
@@ -400,6 +407,47 @@ def denormals_flushed():
     try: yield
     finally: torch.set_flush_denormal(False)
 
+# %% ../nbs/01_learned.ipynb #b30e37e7
+def check_compile(options: bool | dict | None, net: LearnedNet) -> dict | None:
+    "The `torch.compile` keyword arguments that `options` asks for (None: do not compile); one error naming the fix if it cannot work here"
+    if options is None or options is False: return None
+    if options is True: options = {}
+    if not isinstance(options, dict): raise TypeError(f"compile must be True, False or a dict of torch.compile keyword arguments, got {options!r}")
+    known = [k for k in inspect.signature(torch.compile).parameters if k != 'model']
+    bad = [k for k in options if k not in known]
+    if bad: raise ValueError(f"compile={options!r}: torch.compile has no argument {bad}; it accepts {known}")
+    if not torch._dynamo.is_dynamo_supported():
+        raise RuntimeError("torch.compile is not supported by this Python and PyTorch; pass compile=False")
+    if options.get('backend', 'inductor') == 'inductor' and _net_placement(net)[1] in (None, torch.device('cpu')):
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:
+            raise RuntimeError(f"torch.compile needs a C++ compiler on the CPU and found none ({type(e).__name__}); "
+                               "install one (g++, or name it in CXX) or pass compile=False") from None
+    return dict(options)
+
+def compile_update(net: LearnedNet,           # the net whose `update` is compiled
+                   options: dict | None = None):  # keyword arguments of `torch.compile`
+    "`net.update` compiled by `torch.compile`: the same call, compiled on first use and again only for other parameter shapes"
+    options = check_compile(options or True, net)
+    compiled = torch.compile(net.update, **options)
+    def update(params, grads, states, step: int):
+        step = torch.tensor(float(step), dtype=torch.float64)   # a tensor input: an int would be compiled in, and change every step
+        # allow_rnn: the LSTM net reads its nn.LSTM's weights (and never calls it), which Dynamo refuses by default
+        with torch._dynamo.config.patch(allow_rnn=True):
+            try: return compiled(params, grads, states, step)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                first = next((l for l in str(e).splitlines() if l.strip()), '')
+                raise RuntimeError(f"torch.compile could not compile the {net.kind!r} net's update ({first[:200]}); pass compile=False") from None
+    return update
+
+class _Compiled:
+    "Holds a compiled update for one net; copies and pickles empty, so a copy compiles its own on first use"
+    def __init__(self): self.net, self.fn = None, None
+    def __deepcopy__(self, memo): return _Compiled()
+    def __reduce__(self): return (_Compiled, ())
+
 # %% ../nbs/01_learned.ipynb #fb963a1f
 class LearnedOptimizer(torch.optim.Optimizer):
     "A learned update rule (`LearnedNet`) as a `torch.optim.Optimizer`; the net is not in its `state_dict`"
@@ -407,13 +455,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(self,
                  params,                # iterable of parameters or of parameter-group dicts
                  net: LearnedNet,       # the learned update rule
-                 lr: float = 1.0):      # multiplier of the learned step (for schedulers); 1 takes the net's update as is
+                 lr: float = 1.0,       # multiplier of the learned step (for schedulers); 1 takes the net's update as is
+                 compile: bool | dict = False):  # run the update through `compile_update` (a dict: torch.compile's arguments); pays for the lstm net, not the mlp
         if not isinstance(net, LearnedNet): raise TypeError(f"net must be a LearnedNet (e.g. build_net('lstm')), got {type(net).__name__}")
         check_lr(lr)
         params = list(params)
         if not params: raise ValueError("LearnedOptimizer got no parameters; pass model.parameters() (a generator is used up "
                                         "by the first optimizer built from it: call model.parameters() again for the second)")
         self.net = net  # before super().__init__, which calls add_param_group
+        self.compile_options = check_compile(compile, net)
+        self._compiled = _Compiled()
         super().__init__(params, dict(lr=lr))
 
     def add_param_group(self, param_group: dict):
@@ -421,6 +472,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if 'lr' in param_group: check_lr(param_group['lr'])
         super().add_param_group(param_group)
         check_placement(self.param_groups[-1]['params'], self.net)
+
+    def __getstate__(self) -> dict:
+        "What a copy or pickle keeps: torch's optimizer state, the net and the compile options (not compiled code)"
+        return {**super().__getstate__(), 'net': self.net, 'compile_options': self.compile_options}
+
+    def __setstate__(self, state: dict):
+        super().__setstate__(state)
+        self._compiled = _Compiled()
+
+    def _update_fn(self):
+        "The net's update, or its compiled version (compiled on first use, and again for another net, a copy or an unpickled optimizer)"
+        if self.compile_options is None: return self.net.update
+        if self._compiled.net is not self.net: self._compiled.net, self._compiled.fn = self.net, compile_update(self.net, self.compile_options)
+        return self._compiled.fn
 
     def load_state_dict(self, state_dict: dict):
         "Restore a `state_dict`; one `ValueError`, and the current state kept, if it was saved over another net or model"
@@ -452,7 +517,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._init_missing_states()
             states = [{k: v for k, v in self.state[p].items() if k != 'step'} for p in params]
             step = int(max(self.state[p]['step'].item() for p in params))
-            new_params, new_states = self.net.update(params, [p.grad for p in params], states, step)
+            new_params, new_states = self._update_fn()(params, [p.grad for p in params], states, step)
         for (lr, p), new, s in zip(active, new_params, new_states):
             if lr == 1: p.copy_(new)
             else: p.add_(new - p, alpha=lr)
