@@ -456,7 +456,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                  params,                # iterable of parameters or of parameter-group dicts
                  net: LearnedNet,       # the learned update rule
                  lr: float = 1.0,       # multiplier of the learned step (for schedulers); 1 takes the net's update as is
-                 compile: bool | dict = False):  # run the update through `compile_update` (a dict: torch.compile's arguments); pays for the lstm net, not the mlp
+                 compile: bool | dict = False):  # run the update through `compile_update` (a dict: torch.compile's arguments); see *Is compiling worth it?*
         if not isinstance(net, LearnedNet): raise TypeError(f"net must be a LearnedNet (e.g. build_net('lstm')), got {type(net).__name__}")
         check_lr(lr)
         params = list(params)
