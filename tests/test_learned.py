@@ -214,3 +214,89 @@ def test_all_coordinates_in_one_call_equals_per_tensor_calls():
         for i in range(2):
             alone, _ = net.update(params[i:i + 1], grads[i:i + 1], net.init_state(params[i:i + 1]), 2)
             torch.testing.assert_close(alone[0], together[i])
+
+
+# --- compile=True: one compiled update per net kind, shared by the tests below (compiling takes seconds) ---
+
+from torch._dynamo.utils import counters
+from lgl2o.learned import check_compile, compile_update
+from lgl2o.pretrained import load_pretrained
+
+COMPILED_NETS = ['lstm-mnist', 'mlp-mnist']
+
+
+@pytest.fixture(scope='module')
+def compiled():
+    "name -> (net, compiled update, small MLP task): compiled once for the module"
+    task = MLPTask(data=spirals(n=64, n_test=16), hidden=(6, 5), batch_size=16)
+    out = {}
+    for name in COMPILED_NETS:
+        net = load_pretrained(name)
+        out[name] = (net, compile_update(net), task)
+    return out
+
+
+def close(a, b, rel=1e-5):
+    "a and b agree to `rel` of a's largest magnitude (float rounding of fused loops)"
+    return all((x - y).abs().max() <= rel * x.abs().max().clamp(min=1e-12) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize('name', COMPILED_NETS)
+def test_compiled_update_equals_eager_without_recompiling(compiled, name):
+    net, fast, task = compiled[name]
+    model, batches = task.init(0), task.batches(0)
+    states = {k: net.init_state(list(model.parameters())) for k in ('eager', 'compiled')}
+    with torch.no_grad():
+        for step in range(6):
+            model.zero_grad()
+            with torch.enable_grad(): task.loss(model, next(batches)).backward()
+            params, grads = [p.detach().clone() for p in model.parameters()], [p.grad.clone() for p in model.parameters()]
+            new, states['eager'] = net.update(params, grads, states['eager'], step)
+            new_c, states['compiled'] = fast(params, grads, states['compiled'], step)
+            if step == 0: graphs = counters['stats']['unique_graphs']   # the first call compiles
+            assert close([n - p for n, p in zip(new, params)], [n - p for n, p in zip(new_c, params)], 1e-4)   # the update
+            for se, sc in zip(states['eager'], states['compiled']):
+                assert close(list(se.values()), [sc[k] for k in se], 1e-3)
+            for p, n in zip(model.parameters(), new): p.copy_(n)
+    assert counters['stats']['unique_graphs'] == graphs, "the step count (new every step) recompiled the update"
+
+
+@pytest.mark.parametrize('name', COMPILED_NETS)
+def test_optimizer_compile_option_state_dict_copy_and_pickle(compiled, name):
+    import pickle
+    net, _, task = compiled[name]   # the same net class: the compiled code above is reused, nothing compiles again
+    eager_model, fast_model = task.init(0), task.init(0)
+    eager = LearnedOptimizer(eager_model.parameters(), net)
+    fast = LearnedOptimizer(fast_model.parameters(), net, compile=True)
+    batches = task.batches(0)
+    def step_both(pairs, batch):
+        for m, o in pairs: o.zero_grad(); task.loss(m, batch).backward(); o.step()
+    for _ in range(3): step_both([(eager_model, eager), (fast_model, fast)], next(batches))
+    assert close(list(eager_model.parameters()), list(fast_model.parameters()), 1e-4)
+    # state_dict round trip into a new compiled optimizer, a deepcopy and a pickle: all continue as the original
+    twin_model = copy.deepcopy(fast_model)
+    twin = LearnedOptimizer(twin_model.parameters(), net, compile=True)
+    twin.load_state_dict(fast.state_dict())
+    copied_model, copied = copy.deepcopy((fast_model, fast))
+    pickled_model, pickled = pickle.loads(pickle.dumps((fast_model, fast)))
+    assert copied.compile_options == {} and copied._compiled.fn is None and pickled.net.kind == net.kind
+    batch = next(batches)
+    step_both([(fast_model, fast), (twin_model, twin), (copied_model, copied), (pickled_model, pickled)], batch)
+    for other in (twin_model, copied_model, pickled_model):
+        assert close(list(fast_model.parameters()), list(other.parameters()), 1e-6)
+    assert float(pickled.state[next(pickled_model.parameters())]['step']) == 4
+
+
+def test_compile_option_errors(monkeypatch):
+    net = build_net('lstm')
+    assert check_compile(False, net) is None and check_compile(True, net) == {}
+    assert check_compile({'mode': 'max-autotune-no-cudagraphs'}, net) == {'mode': 'max-autotune-no-cudagraphs'}
+    with pytest.raises(TypeError, match='compile must be True, False or a dict'): check_compile('yes', net)
+    with pytest.raises(ValueError, match=r"torch.compile has no argument \['fulgraph'\]"): check_compile({'fulgraph': True}, net)
+    import torch._inductor.cpp_builder as cpp_builder
+    def missing(): raise RuntimeError('no compiler')
+    monkeypatch.setattr(cpp_builder, 'get_cpp_compiler', missing)
+    with pytest.raises(RuntimeError, match='needs a C\\+\\+ compiler .* or pass compile=False') as e:
+        LearnedOptimizer(torch.nn.Linear(2, 1).parameters(), net, compile=True)
+    assert '\n' not in str(e.value)
+    LearnedOptimizer(torch.nn.Linear(2, 1).parameters(), net)   # compile=False needs no compiler
