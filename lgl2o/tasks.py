@@ -194,7 +194,7 @@ class QuadraticTask(Task):
 
 # %% ../nbs/00_tasks.ipynb #802e732b
 def gaussian_quadratic(dim: int = 20, seed: int = 0, init_std: float = 1.0) -> QuadraticTask:
-    "Seed 002's quadratic: $H = X^T X$ for a Gaussian `dim`x`dim` matrix $X$, $b = 0$"
+    "The quadratic of Wang et al. (2021): $H = X^T X$ for a Gaussian `dim`x`dim` matrix $X$, $b = 0$"
     task = QuadraticTask(dim=dim, seed=seed, init_std=init_std)
     x = torch.randn(dim, dim, generator=generator(seed), dtype=torch.float64)
     return task.set_problem(x.T @ x / dim, torch.zeros(dim, dtype=torch.float64))
@@ -202,7 +202,7 @@ def gaussian_quadratic(dim: int = 20, seed: int = 0, init_std: float = 1.0) -> Q
 # %% ../nbs/00_tasks.ipynb #9045971d
 @dataclass
 class NoisyQuadraticTask(Task):
-    "Seed 003's noisy quadratic model: a diagonal quadratic whose optimum is resampled every step"
+    "The noisy quadratic model of Harrison et al. (2022): a diagonal quadratic whose optimum is resampled every step"
     dim: int = 10           # number of coordinates
     condition: float = 100.0 # ratio of the largest to the smallest curvature
     scale: float = 1.0      # the largest curvature
