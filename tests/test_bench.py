@@ -61,7 +61,7 @@ def test_cost_figures_are_printed(run_notebook):
         floor = table.loc[('mnist-cnn', f'floor({n})'), 'cpu_ms_per_step']
         assert floor > table.loc[('mnist-cnn', n), 'cpu_ms_per_step']
         both, one = (table.loc[('mnist-cnn', f'LGL2O({n}, Adam{graphs})'), 'peak_mb'] for graphs in ('', ', one graph'))
-        assert both > 1.5 * one   # the activations of two forwards at once
+        assert both > one + 0.5 * table.loc[('mnist-cnn', 'forward (no graph)'), 'peak_mb']   # the activations of a second forward
 
 
 def test_same_seeds_same_table():
