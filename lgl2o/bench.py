@@ -5,6 +5,7 @@
 # %% ../nbs/05_bench.ipynb #83fafc99
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import platform
@@ -17,20 +18,22 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from .guards import GradientGuard, Guard, LossGuard, grad_norm
 from .learned import LearnedNet, LearnedOptimizer
-from .pretrained import load_pretrained
-from .tasks import MLPTask, QuadraticTask, Task, mnist_mlp, mnist_subset, spirals_mlp
+from .pretrained import load_pretrained, pretrained_names
+from .tasks import MLPTask, QuadraticTask, Task, mnist_cnn, mnist_mlp, mnist_subset, spirals_mlp
 
 # %% auto #0
 __all__ = ['KINDS', 'FALLBACKS', 'RULES', 'SHADOW_TOLERANCE', 'LR_GRID', 'TUNING_SEED', 'DEFAULT_NETS', 'DASHES',
-           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TARGETS', 'Contender', 'build_optimizer', 'Scenario', 'scenarios',
-           'contenders', 'train', 'tune_lr', 'tuned_lrs', 'BenchmarkResult', 'run_benchmark', 'summarize',
-           'guard_verdicts', 'verdict_note', 'fallback_verdicts', 'rule_scorecard', 'fallback_note', 'optimizer_names',
-           'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses', 'plot_choices', 'step_times',
-           'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy']
+           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TASKS', 'FORWARD', 'FLOOR', 'COST_TARGETS', 'Contender',
+           'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr', 'tuned_lrs', 'BenchmarkResult',
+           'run_benchmark', 'summarize', 'guard_verdicts', 'verdict_note', 'fallback_verdicts', 'rule_scorecard',
+           'fallback_note', 'optimizer_names', 'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses',
+           'plot_choices', 'allocated_bytes', 'PeakMemory', 'step_times', 'cost_table', 'cost_ratios', 'ratio_lines',
+           'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy']
 
 # %% ../nbs/05_bench.ipynb #adf8c034
 KINDS = ('sgd', 'adam', 'learned', 'lgl2o', 'gl2o')
@@ -46,6 +49,7 @@ class Contender:
     fallback: str | None = None  # 'sgd' or 'adam' (lgl2o, gl2o)
     compare: str = 'next'     # the guard's comparison batch: 'next' (fresh data) or 'same'
     rule: str = 'paper'       # one of RULES (guards only)
+    keep_both_graphs: bool = True  # LossGuard: keep both candidates' graphs (False: a third forward when the provisional one loses)
 
     def __post_init__(self):
         if self.kind not in KINDS: raise ValueError(f"unknown contender kind {self.kind!r}; use one of {list(KINDS)}")
@@ -54,6 +58,7 @@ class Contender:
             raise ValueError(f"a {self.kind} contender needs fallback 'sgd' or 'adam', got {self.fallback!r}")
         if self.rule not in RULES: raise ValueError(f"unknown rule {self.rule!r}; use one of {list(RULES)}")
         if self.rule != 'paper' and not self.guarded: raise ValueError(f"rule {self.rule!r} is a guard's: {self.kind} has none")
+        if not self.keep_both_graphs and self.kind != 'lgl2o': raise ValueError(f"keep_both_graphs is LossGuard's option: {self.kind} has none")
 
     @property
     def name(self) -> str:
@@ -61,7 +66,8 @@ class Contender:
         if self.kind == 'learned': return self.net
         same = ', same batch' if self.compare == 'same' else ''
         shadow = ', shadow' if self.rule == 'shadow' else ''
-        return f"{self.kind.upper()}({self.net}, {self.fallback.upper() if self.fallback == 'sgd' else 'Adam'}{same}{shadow})"
+        graphs = '' if self.keep_both_graphs else ', one graph'
+        return f"{self.kind.upper()}({self.net}, {self.fallback.upper() if self.fallback == 'sgd' else 'Adam'}{same}{shadow}{graphs})"
 
     @property
     def guarded(self) -> bool: return self.kind in ('lgl2o', 'gl2o')
@@ -83,9 +89,9 @@ def build_optimizer(contender: Contender,    # what to build
     learned = LearnedOptimizer(params, nets[c.net])
     if c.kind == 'learned': return learned
     fallback = FALLBACKS[c.fallback](params, lr=lrs[c.fallback])
-    guard = LossGuard if c.kind == 'lgl2o' else GradientGuard
+    guard, options = (LossGuard, dict(keep_both_graphs=c.keep_both_graphs)) if c.kind == 'lgl2o' else (GradientGuard, {})
     return guard(learned, fallback, compare=c.compare, record=record, shadow=SHADOW_TOLERANCE if c.rule == 'shadow' else None,
-                 loss_floor=loss_floor)
+                 loss_floor=loss_floor, **options)
 
 # %% ../nbs/05_bench.ipynb #819c286b
 @dataclass(frozen=True)
@@ -414,50 +420,166 @@ def plot_choices(steps: pd.DataFrame, path: Path | None = None, window: int = 10
     if path: g.savefig(path, dpi=110)
     return g
 
+# %% ../nbs/05_bench.ipynb #0a12dbdb
+def _mallinfo2():
+    "glibc's mallinfo2, or None where the C library has none"
+    try: fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError): return None
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+    fn.restype = Info
+    return fn
+
+_MALLINFO = _mallinfo2()
+
+def allocated_bytes() -> float:
+    "Bytes the C allocator has handed out and not taken back (heap and mapped blocks in use, glibc); NaN where that is unknown"
+    if _MALLINFO is None: return math.nan
+    info = _MALLINFO()
+    return float(info.uordblks + info.hblkhd)
+
+class PeakMemory(TorchDispatchMode):
+    "Inside, `peak`: the most bytes allocated after any tensor operation (forward and backward), above what was allocated on entry"
+    def __enter__(self):
+        self.start, self.peak = allocated_bytes(), 0.0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, allocated_bytes() - self.start)
+        return out
+
 # %% ../nbs/05_bench.ipynb #2fb9e925
-def step_times(nets: dict, task: Task | None = None, steps: int = 60, warmup: int = 10, seed: int = 0,
-               block: int = 10) -> pd.DataFrame:
-    "Median CPU and wall time per step (ms) of Adam, each net alone, LGL2O and GL2O over it, on `task`, taking turns in blocks of steps"
+COST_TASKS = {'mnist-mlp': mnist_mlp, 'mnist-cnn': mnist_cnn}   # where a learned optimizer's own update dominates a step; where forward and backward do
+FORWARD, FLOOR = 'forward (no graph)', 'floor'
+
+def _timed(fn: Callable) -> tuple[float, float]:
+    "CPU and wall seconds of `fn()`"
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+def _peak(fn: Callable) -> float:
+    "The most bytes allocated above the start while `fn()` runs"
+    with PeakMemory() as pm: fn()
+    return pm.peak
+
+def _cost_plan(nets: dict, fallback: str) -> list[Contender]:
+    "Adam; for each net: alone, LossGuard with both graphs, with one, with the shadow rule, and GradientGuard"
+    per_net = lambda n: [Contender('learned', n), Contender('lgl2o', n, fallback), Contender('lgl2o', n, fallback, keep_both_graphs=False),
+                         Contender('lgl2o', n, fallback, rule='shadow'), Contender('gl2o', n, fallback)]
+    return [Contender('adam')] + [c for n in nets for c in per_net(n)]
+
+def _runners(task: Task, nets: dict, fallback: str, seed: int) -> tuple[dict, dict]:
+    "For each row of the cost table, a function `run(batch, measure)` that takes one step and returns `measure(what counts)`; the MB each holds"
+    lrs, runners, held = {'sgd': 0.1, 'adam': 1e-3}, {}, {}
+    def optimizer_step(c: Contender):
+        model = task.init(seed)
+        opt = build_optimizer(c, list(model.parameters()), lrs, nets, record=False)
+        return lambda batch, measure: measure(lambda: opt.step(task.closure(model, batch, None if c.guarded else opt)))
+    def forward_alone():
+        model = task.init(seed)
+        def run(batch, measure):
+            with torch.no_grad(): return measure(lambda: task.loss(model, batch))
+        return run
+    def fallback_step():   # given the gradient: the part of a step a guard adds by running the fallback too
+        model = task.init(seed)
+        opt = FALLBACKS[fallback](model.parameters(), lr=lrs[fallback])
+        def run(batch, measure):
+            opt.zero_grad(); task.loss(model, batch).backward()
+            return measure(opt.step)
+        return run
+    makers = {c.name: (lambda c=c: optimizer_step(c)) for c in _cost_plan(nets, fallback)}
+    makers |= {FORWARD: forward_alone, f'{Contender(fallback).name} step': fallback_step}
+    batch = next(task.batches(seed))
+    for name, make in makers.items():
+        make()(batch, _timed)   # a first instance, stepped once, takes the one-time allocations (imports, oneDNN's caches)
+        before = allocated_bytes()
+        runners[name] = make()
+        runners[name](batch, _timed)   # the first step allocates gradients and states
+        held[name] = (allocated_bytes() - before) / 2**20
+    return runners, held
+
+def step_times(nets: dict,                      # pretrained nets by name
+               task: str | Task = 'mnist-mlp',   # a name in COST_TASKS, or a task
+               steps: int = 60,                  # timed steps per row
+               warmup: int = 10,                 # untimed steps first
+               seed: int = 0,
+               block: int = 10,                  # consecutive steps a row takes in its turn (the first is not timed)
+               fallback: str = 'adam',           # the guards' fallback, 'adam' or 'sgd'
+               memory: bool = True               # also measure memory (two steps each, after the timing)
+              ) -> pd.DataFrame:
+    "Median CPU and wall ms per step, peak and held MB, of Adam, each net alone and guarded, and the floor's parts, taking turns in blocks"
     if block < 2: raise ValueError(f"block must be >= 2 (its first step is not timed), got {block}")
-    task = task or mnist_mlp()
-    lrs = {'sgd': 0.1, 'adam': 1e-3}
-    plan = [Contender('adam')] + [Contender(k, n, None if k == 'learned' else 'sgd') for n in nets for k in ('learned', 'lgl2o', 'gl2o')]
-    plan += [Contender('lgl2o', n, 'sgd', rule='shadow') for n in nets]
-    times = {c.name: ([], []) for c in plan}
-    models = {c.name: task.init(seed) for c in plan}
-    opts = {c.name: build_optimizer(c, list(models[c.name].parameters()), lrs, nets, record=False) for c in plan}
-    batches = {c.name: task.batches(seed) for c in plan}   # every contender sees the same minibatches
+    name, task = (task, COST_TASKS[task]()) if isinstance(task, str) else (type(task).__name__, task)
+    runners, held = _runners(task, nets, fallback, seed)
+    times = {k: ([], []) for k in runners}
+    batches = {k: task.batches(seed) for k in runners}   # every row sees the same minibatches
     rotation = 0
     while any(len(cpu) < steps for cpu, _ in times.values()):
-        for c in plan:
-            cpu_times, wall_times = times[c.name]
+        for k, run in runners.items():
+            cpu_times, wall_times = times[k]
             for j in range(block):
-                batch = next(batches[c.name])
-                wall, cpu = time.perf_counter(), time.process_time()
-                opts[c.name].step(task.closure(models[c.name], batch, None if c.guarded else opts[c.name]))
-                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                cpu, wall = run(next(batches[k]), _timed)
                 if j > 0 and rotation * block + j >= warmup and len(cpu_times) < steps: cpu_times.append(cpu); wall_times.append(wall)
         rotation += 1
-    return pd.DataFrame([{'optimizer': k, 'cpu_ms_per_step': 1000 * float(np.median(c)), 'wall_ms_per_step': 1000 * float(np.median(w))}
-                         for k, (c, w) in times.items()])
+    net_of = {c.name: c.net for c in _cost_plan(nets, fallback)}
+    rows = [{'task': name, 'optimizer': k, 'net': net_of.get(k), 'cpu_ms_per_step': 1000 * float(np.median(c)), 'wall_ms_per_step': 1000 * float(np.median(w)),
+             'peak_mb': _peak_mb(runners[k], batches[k]) if memory else math.nan, 'held_mb': held[k]} for k, (c, w) in times.items()]
+    return pd.DataFrame(rows)
 
-def cost_ratios(times: pd.DataFrame, nets: list[str]) -> dict:
-    "CPU-time ratios: LGL2O and GL2O over the unguarded net, the shadow rule over the paper's, and each net over Adam"
-    t = times.set_index('optimizer')['cpu_ms_per_step']
-    out = {f'LGL2O/unguarded ({n})': t[f'LGL2O({n}, SGD)'] / t[n] for n in nets}
-    out.update({f'GL2O/unguarded ({n})': t[f'GL2O({n}, SGD)'] / t[n] for n in nets})
-    out.update({f'LGL2O shadow/paper rule ({n})': t[f'LGL2O({n}, SGD, shadow)'] / t[f'LGL2O({n}, SGD)'] for n in nets})
-    out.update({f'{n}/Adam': t[n] / t['Adam'] for n in nets})
+def _peak_mb(run: Callable, batches) -> float:
+    "The most MB allocated above a step's start, over two steps"
+    return max(run(next(batches), _peak) for _ in range(2)) / 2**20
+
+def _floor_extra(ms: pd.Series) -> tuple[float, str]:
+    "What any guard adds to a step: a forward without a graph and a fallback step (ms); and the fallback's name"
+    step = next(k for k in ms.index if k.endswith(' step'))
+    return ms[FORWARD] + ms[step], step[:-len(' step')]
+
+def cost_table(times: pd.DataFrame) -> pd.DataFrame:
+    "The timing table with each net's floor (its step, a forward without a graph, a fallback step) and CPU-time ratios to Adam, the net alone and the floor"
+    parts = []
+    for _, t in times.groupby('task', sort=False):
+        ms = t.set_index('optimizer')['cpu_ms_per_step']
+        extra, _ = _floor_extra(ms)
+        nets = list(dict.fromkeys(t['net'].dropna()))
+        floors = pd.DataFrame([{'task': t['task'].iloc[0], 'optimizer': f'{FLOOR}({n})', 'net': n, 'cpu_ms_per_step': ms[n] + extra} for n in nets])
+        t = pd.concat([t, floors], ignore_index=True) if nets else t.copy()
+        t['x_adam'] = t['cpu_ms_per_step'] / ms['Adam']
+        alone = t['net'].map(ms)
+        t['x_unguarded'] = t['cpu_ms_per_step'] / alone
+        t['x_floor'] = (t['cpu_ms_per_step'] / (alone + extra)).where(t['optimizer'].str.contains('L2O'))
+        parts.append(t)
+    return pd.concat(parts, ignore_index=True)
+
+def cost_ratios(times: pd.DataFrame) -> dict:
+    "CPU-time ratios, per task: each guard over its net alone, the floor, LossGuard's extra over the floor's, one graph over both, shadow over paper, each net over Adam"
+    out = {}
+    for task, t in times.groupby('task', sort=False):
+        ms = t.set_index('optimizer')['cpu_ms_per_step']
+        extra, f = _floor_extra(ms)
+        for n in dict.fromkeys(t['net'].dropna()):
+            lg, at = ms[f'LGL2O({n}, {f})'], f'({n}, {task})'
+            out |= {f'LGL2O/unguarded {at}': lg / ms[n], f'floor/unguarded {at}': (ms[n] + extra) / ms[n],
+                    f'LGL2O extra/floor extra {at}': (lg - ms[n]) / extra,
+                    f'LGL2O one graph/both graphs {at}': ms[f'LGL2O({n}, {f}, one graph)'] / lg,
+                    f'LGL2O shadow/paper rule {at}': ms[f'LGL2O({n}, {f}, shadow)'] / lg,
+                    f'GL2O/unguarded {at}': ms[f'GL2O({n}, {f})'] / ms[n], f'{n}/Adam ({task})': ms[n] / ms['Adam']}
     return out
 
 COST_TARGETS = {   # the project's targets, by ratio name: (the largest ratio that meets it, where it comes from)
-    'LGL2O/unguarded (lstm-mnist)': (1.10, "the loss guard adds one forward pass and no backward pass to a step, which on the paper's "
-                                           "LSTM optimizer should cost at most 10% of the unguarded step"),
-    **{f'LGL2O shadow/paper rule ({n})': (1.10, "a rule good enough to be the default may cost at most 10% more per step than "
-                                                "the paper's rule with the same components; the shadow run adds a forward, a backward "
-                                                "and a fallback step") for n in ('lstm-mnist', 'mlp-mnist')},
-    'mlp-mnist/Adam': (3.0, "the per-parameter MLP is the learned optimizer meant to be cheap: at most three Adam steps "
-                            "(about 2.5 measured on an idle machine, see lgl2o.learned)")}
+    'LGL2O/unguarded (lstm-mnist, mnist-mlp)': (1.10, "the loss guard adds one forward pass and no backward pass to a step, which on the "
+                                                      "paper's LSTM optimizer should cost at most 10% of the unguarded step"),
+    **{f'LGL2O/unguarded ({n}, mnist-cnn)': (1.40, "where forward and backward dominate a step, as in most training, the guard's one extra "
+                                                   "forward should cost at most 40% of the unguarded step") for n in pretrained_names()},
+    **{f'LGL2O extra/floor extra ({n}, mnist-mlp)': (1.10, "what the loss guard adds to a step should be at most 10% more than what any "
+                                                           "guard must add: one forward without a graph and one fallback step") for n in pretrained_names()},
+    **{f'LGL2O shadow/paper rule ({n}, mnist-mlp)': (1.10, "a rule good enough to be the default may cost at most 10% more per step than "
+                                                           "the paper's rule with the same components; the shadow run adds a forward, a "
+                                                           "backward and a fallback step") for n in ('lstm-mnist', 'mlp-mnist')},
+    'mlp-mnist/Adam (mnist-mlp)': (3.0, "the per-parameter MLP is the learned optimizer meant to be cheap: at most three Adam steps "
+                                        "(about 2.5 measured on an idle machine, see lgl2o.learned)")}
 
 def ratio_lines(ratios: dict) -> str:
     "The ratios as markdown bullets, each with its target, whether this run met it, and where the target comes from"
@@ -487,17 +609,19 @@ def write_report(result: BenchmarkResult, out: Path, nets: dict, timing_steps: i
     summary = summarize(result.steps)
     verdicts = guard_verdicts(summary, tolerance)
     against_fallback = fallback_verdicts(summary, tolerance)
-    times = step_times(nets, steps=timing_steps)
-    ratios = cost_ratios(times, list(nets))
+    times = pd.concat([step_times(nets, task, steps=timing_steps, warmup=min(10, timing_steps), block=min(10, timing_steps + 1))
+                       for task in COST_TASKS], ignore_index=True)
+    table, ratios = cost_table(times), cost_ratios(times)
     verdicts.to_csv(out / 'verdicts.csv', index=False)
     against_fallback.to_csv(out / 'fallback_verdicts.csv', index=False)
-    times.to_csv(out / 'step_times.csv', index=False)
+    table.to_csv(out / 'step_times.csv', index=False)
     (out / 'cost_ratios.json').write_text(json.dumps(ratios, indent=1))
     parts = ['## Summary (final losses: mean over seeds)', markdown_table(summary),
              '## LGL2O and GL2O against the better of their two components', verdict_note(summary, tolerance), markdown_table(verdicts),
              '## Each guard against its fallback alone', fallback_note(summary, tolerance), markdown_table(against_fallback),
              'Per rule:', markdown_table(rule_scorecard(against_fallback)),
-             '## Cost per step on the MNIST MLP (median ms)', markdown_table(times, 3),
+             '## Cost per step (median CPU ms; peak: MB allocated above a step\'s start during it; held: MB kept between steps)',
+             *[f'{task}:\n\n' + markdown_table(t.drop(columns=['task', 'net']), 3) for task, t in table.groupby('task', sort=False)],
              'CPU-time ratios, each with its target where the project sets one, and where that target comes from:', ratio_lines(ratios)]
     if figures:
         palette = optimizer_palette(result.steps)   # one colour per optimizer in both figures

@@ -196,14 +196,18 @@ def _directives(source: str) -> dict:
         res[m.group(1)] = m.group(2)
     return res
 
+_PRIVATE = re.compile(r'\b[Ss]eeds? 0\d\d\b|\.\./shared\b')   # the project's own source folders, which readers do not have
+
 def docs_problems(nb, nbs=None) -> list[str]:
-    "Cells of notebook `nb` that nbdev's docs processing would run out of context (imports mixed with other code)"
+    "Cells of notebook `nb` that nbdev's docs processing would run out of context (imports mixed with other code), or that name the project's private sources"
     nb = Path(nb)
     cells = json.loads(nb.read_text())['cells']
     name = nb.relative_to(nbs).as_posix() if nbs else nb.name
     problems = []
     for i, cell in enumerate(cells):
         src = ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+        private = _PRIVATE.search(src)
+        if private: problems.append(f"{name} cell {i} names {private.group(0)!r}, which readers cannot look up: cite the paper (authors, year, venue, arXiv id)")
         if cell['cell_type'] != 'code' or 'nbdev_export' + '()' in src: continue   # (spelt so: nbdev skips a cell with that text)
         dirs = _directives(src)
         if _RUN_ANYWAY & dirs.keys() or dirs.get('eval', '').lower() == 'false': continue

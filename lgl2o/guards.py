@@ -24,10 +24,10 @@ from .tasks import QuadraticTask, seeded
 # %% auto #0
 __all__ = ['CHOICES', 'COMPARE_RULES', 'MU_SCHEMES', 'QUADRATIC_METHODS', 'ADVERSARIES', 'check_same_params',
            'check_one_gradient_per_step', 'check_unsharded', 'all_finite', 'grad_norm', 'SavedPoint',
-           'CandidateBuffers', 'snapshot_optimizer', 'restore_optimizer', 'ModuleBuffers', 'recording_buffers',
-           'random_state', 'set_random_state', 'PairedForwards', 'ShadowRun', 'Guard', 'LossGuard', 'NaNProposer',
-           'graph_leaves', 'backward_to_other_leaves', 'GradientGuard', 'theorem1_lr', 'float64_quadratic',
-           'untrained_lstm', 'quadratic_run']
+           'CandidateBuffers', 'snapshot_optimizer', 'restore_optimizer', 'ModuleBuffers', 'apply_effect',
+           'recording_buffers', 'random_state', 'set_random_state', 'reloadable_graph', 'PairedForwards', 'ShadowRun',
+           'Guard', 'LossGuard', 'NaNProposer', 'graph_leaves', 'backward_to_other_leaves', 'GradientGuard',
+           'theorem1_lr', 'float64_quadratic', 'untrained_lstm', 'quadratic_run']
 
 # %% ../nbs/02_guards.ipynb #3e2cd290
 CHOICES = ('learned', 'fallback')    # the two components, as `last_choice` and `counts` name them
@@ -162,9 +162,13 @@ def restore_optimizer(opt: Optimizer, snapshot: tuple[dict, list]):
     for g, saved in zip(opt.param_groups, groups): g.update(saved)
 
 # %% ../nbs/02_guards.ipynb #5b0aca2a
+def _storage(t: Tensor) -> int | None:
+    try: return t.untyped_storage().data_ptr()
+    except Exception: return None   # sparse, nested or wrapper tensors have no single storage of their own
+
 class ModuleBuffers:
     "The buffers (BatchNorm statistics, ...) of every module called while recording, and of its submodules, as they were before"
-    def __init__(self): self.seen, self.saved, self.ddp_sync = set(), [], []
+    def __init__(self): self.seen, self.saved, self.ddp_sync, self.storages = set(), [], [], set()
 
     def note(self, module: nn.Module):
         "Save the buffers of `module` and its submodules not saved yet (a wrapper such as DDP may write into them before they run)"
@@ -173,7 +177,9 @@ class ModuleBuffers:
             m = stack.pop()
             if id(m) in self.seen: continue
             self.seen.add(id(m))
-            if m._buffers: self.saved.append((m, [(k, b, b.clone()) for k, b in m._buffers.items() if b is not None]))
+            if m._buffers:
+                self.saved.append((m, [(k, b, b.clone()) for k, b in m._buffers.items() if b is not None]))
+                self.storages.update(_storage(b) for b in m._buffers.values() if b is not None)
             # DDP broadcasts buffers at a forward only if the previous forward had a graph: an evaluation must not change that
             if 'require_forward_param_sync' in m.__dict__: self.ddp_sync.append((m, m.require_forward_param_sync))
             stack.extend(c for c in m._modules.values() if c is not None)
@@ -186,7 +192,27 @@ class ModuleBuffers:
                 original.copy_(value)
                 module._buffers[k] = original
         for module, flag in self.ddp_sync: module.require_forward_param_sync = flag
-        self.seen, self.saved, self.ddp_sync = set(), [], []
+        self.seen, self.saved, self.ddp_sync, self.storages = set(), [], [], set()
+
+    @torch.no_grad()
+    def effect(self) -> list:
+        "What the recorded forward left in the buffers: (module, name, buffer object, copy of its values), and DDP's sync flags"
+        buffers = [(m, k, m._buffers[k], None if m._buffers[k] is None else m._buffers[k].clone()) for m, saved in self.saved for k, _, _ in saved]
+        return buffers + [(m, None, m.require_forward_param_sync, None) for m, _ in self.ddp_sync]
+
+    @property
+    def searches_unused(self) -> bool:
+        "Whether a DDP module called in the forward searches the graph for unused parameters (it notes the last forward's graph)"
+        return any(getattr(m, 'find_unused_parameters', False) for m, _ in self.ddp_sync)
+
+@torch.no_grad()
+def apply_effect(effect: list):
+    "Put the buffers back as a forward left them (see `ModuleBuffers.effect`)"
+    for module, k, obj, value in effect:
+        if k is None: module.require_forward_param_sync = obj
+        else:
+            if value is not None: obj.copy_(value)
+            module._buffers[k] = obj
 
 @contextlib.contextmanager
 def recording_buffers(recorder: ModuleBuffers):
@@ -204,18 +230,61 @@ def set_random_state(state: tuple):
     torch.set_rng_state(cpu)
     for d, s in cuda.items(): torch.cuda.set_rng_state(s, d)
 
+def _version(t: Tensor) -> int | None:
+    try: return t._version
+    except Exception: return None   # inference tensors keep no version
+
+@contextlib.contextmanager
+def reloadable_graph(params: list[Tensor], buffers: ModuleBuffers):
+    "Inside, a forward's graph stays usable after `params` and the recorded module buffers are overwritten, provided the forward's values are put back before its backward"
+    ours = {_storage(p) for p in params} - {None, 0}
+    def pack(t: Tensor) -> tuple:
+        # a saved tensor that aliases a parameter or a buffer (BatchNorm saves its running statistics) is read at backward
+        # time, from the values put back; every other saved tensor keeps autograd's own check that nothing wrote into it
+        s = _storage(t)
+        return t, None if s in ours or s in buffers.storages else _version(t)
+    def unpack(packed: tuple) -> Tensor:
+        t, version = packed
+        if version is not None and t._version != version:
+            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+                               f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {version} instead")
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack): yield
+
 # %% ../nbs/02_guards.ipynb #700aceba
 class PairedForwards:
     "The forwards of one decision: all from the same random state (same dropout masks); only a kept forward changes module buffers"
     def __init__(self, guard: 'Guard'):
-        self.guard, self.start, self.last = guard, random_state(guard._devices), None
+        self.guard, self.start, self.last, self.first = guard, random_state(guard._devices), None, None
 
-    def forward(self, closure: Callable, grad: bool) -> Tensor:
+    def forward(self, closure: Callable, grad: bool, reloadable: bool = False) -> Tensor:
         "The closure's loss at the current parameters; undoes the previous forward's buffer changes unless it was kept"
         self.discard()
         set_random_state(self.start)
-        loss, self.last = self.guard._forward(closure, grad)
+        if not reloadable:
+            loss, self.last = self.guard._forward(closure, grad)
+            return loss
+        params, buffers = self.guard._params, ModuleBuffers()
+        versions = [p._version for p in params]
+        with reloadable_graph(params, buffers): loss, self.last = self.guard._forward(closure, grad, buffers)
+        # its graph can serve a backward later if the forward left the parameters alone (Embedding's max_norm does not)
+        # and no DDP module will have noted a later forward's graph in its place
+        if all(p._version == v for p, v in zip(params, versions)) and not self.last.searches_unused:
+            self.first = (self.last.effect(), random_state(self.guard._devices))
         return loss
+
+    def resume_first(self) -> bool:
+        "Make the reloadable forward the one training goes on from, as it left buffers and random state; False if it cannot be"
+        if self.first is None: return False
+        self.discard()
+        effect, rng = self.first
+        recorder = ModuleBuffers()   # notes the values before, for a rollback of the call
+        self.guard._txn['buffers'].append(recorder)
+        for module in dict.fromkeys(m for m, *_ in effect): recorder.note(module)
+        apply_effect(effect)
+        set_random_state(rng)
+        self.first = None
+        return True
 
     def discard(self):
         if self.last is not None: self.last.restore()   # a no-op in a rollback later: restore() empties it
@@ -460,9 +529,9 @@ class Guard(Optimizer):
                                "guard.step(closure) without the scaler and use torch.autocast(dtype=torch.bfloat16), which needs none")
 
     # evaluations, counted -------------------------------------------------------------------------
-    def _forward(self, closure: Callable, grad: bool) -> tuple[Tensor, ModuleBuffers]:
-        "The closure's loss at the current parameters (with a graph if `grad`), and the module buffers as they were before"
-        params, buffers = self._params, ModuleBuffers()
+    def _forward(self, closure: Callable, grad: bool, buffers: ModuleBuffers | None = None) -> tuple[Tensor, ModuleBuffers]:
+        "The closure's loss at the current parameters (with a graph if `grad`), and the module buffers as they were before (into `buffers`)"
+        params, buffers = self._params, buffers or ModuleBuffers()
         grads, versions = [p.grad for p in params], [p._version for p in params]
         self._txn['buffers'].append(buffers)
         torch.clear_autocast_cache()   # autocast caches low-precision copies of parameters, which a guard changes in place
@@ -479,7 +548,7 @@ class Guard(Optimizer):
             # evaluate it again with a graph, from the same state, and find out which
             buffers.restore(); set_random_state(start)
             self._evaluate_with_graph = True
-            try: return self._forward(closure, grad)
+            try: return self._forward(closure, grad, buffers)
             except ValueError: self._evaluate_with_graph = False; raise
         for p, g in zip(params, grads): p.grad = g
         self.evaluations['forward'] += 1
@@ -790,6 +859,11 @@ _BACKWARD_INSIDE = ("the closure called backward() or zero_grad() itself: return
 # %% ../nbs/02_guards.ipynb #fa0cd580
 class LossGuard(Guard):
     "LGL2O: keep the candidate with the lower loss on data the gradient did not see (by default the next minibatch)"
+    def __init__(self, learned: Optimizer, fallback: Optimizer, *args,
+                 keep_both_graphs: bool = True,  # compare='next': keep both candidates' graphs, so the winner's backward needs no third forward (activations of two forwards at once)
+                 **kwargs):
+        super().__init__(learned, fallback, *args, **kwargs)
+        self.keep_both_graphs = bool(keep_both_graphs)
 
     @staticmethod
     def choose(loss_learned: float, loss_fallback: float) -> str | None:
@@ -816,9 +890,10 @@ class LossGuard(Guard):
         held, other = self._provisional, _other(self._provisional)
         pair = PairedForwards(self)
         raw = {}
-        if self._buf.finite(other):  # the other candidate first, without a graph ...
+        both = for_step and self.keep_both_graphs
+        if self._buf.finite(other):  # the other candidate first (with a graph that survives reloading only if both are kept) ...
             self._buf.load(other)
-            raw[other] = pair.forward(closure, grad=False)
+            raw[other] = pair.forward(closure, grad=both, reloadable=both)
         self._buf.load(held)
         raw[held] = loss = pair.forward(closure, grad=for_step)  # ... so that this forward can serve the next step
         losses = {other: math.nan} | dict(zip(raw, self._loss_values(*raw.values())))
@@ -827,9 +902,10 @@ class LossGuard(Guard):
         self._pending = False
         self._settle(choice, entry, self.steps - 1, loss_learned=losses['learned'], loss_fallback=losses['fallback'])
         if choice != held:
-            self._buf.load(choice)
+            self._buf.load(choice)   # the values its graph was recorded at
+            if not for_step or pair.resume_first(): loss = raw[choice]
             # from the same random state and buffers as its evaluation: the same loss, now with a graph
-            loss = pair.forward(closure, grad=True) if for_step else raw[choice]
+            else: loss = pair.forward(closure, grad=True)
         if for_step:
             pair.keep()
             self._backward(loss)

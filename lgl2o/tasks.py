@@ -25,8 +25,9 @@ from torch.func import functional_call
 # %% auto #0
 __all__ = ['Batch', 'ACTIVATIONS', 'seeded', 'generator', 'Task', 'check_split', 'sgd_run', 'QuadraticModel', 'QuadraticTask',
            'gaussian_quadratic', 'NoisyQuadraticTask', 'LinearModel', 'LeastSquaresTask', 'ClassificationData',
-           'mnist_subset', 'read_idx', 'load_mnist', 'spirals', 'label_noise', 'with_validation', 'mlp', 'MLPTask',
-           'mnist_mlp', 'spirals_mlp', 'TaskFamily', 'QuadraticFamily', 'MLPFamily', 'demo_tasks', 'demo', 'demo_cli']
+           'mnist_subset', 'read_idx', 'load_mnist', 'spirals', 'label_noise', 'with_validation', 'mlp',
+           'ClassifierTask', 'MLPTask', 'mnist_mlp', 'spirals_mlp', 'mnist_images', 'CNNTask', 'mnist_cnn',
+           'TaskFamily', 'QuadraticFamily', 'MLPFamily', 'demo_tasks', 'demo', 'demo_cli']
 
 # %% ../nbs/00_tasks.ipynb #0a19efe5
 @contextmanager
@@ -193,7 +194,7 @@ class QuadraticTask(Task):
 
 # %% ../nbs/00_tasks.ipynb #802e732b
 def gaussian_quadratic(dim: int = 20, seed: int = 0, init_std: float = 1.0) -> QuadraticTask:
-    "Seed 002's quadratic: $H = X^T X$ for a Gaussian `dim`x`dim` matrix $X$, $b = 0$"
+    "The quadratic of Wang et al. (2021): $H = X^T X$ for a Gaussian `dim`x`dim` matrix $X$, $b = 0$"
     task = QuadraticTask(dim=dim, seed=seed, init_std=init_std)
     x = torch.randn(dim, dim, generator=generator(seed), dtype=torch.float64)
     return task.set_problem(x.T @ x / dim, torch.zeros(dim, dtype=torch.float64))
@@ -201,7 +202,7 @@ def gaussian_quadratic(dim: int = 20, seed: int = 0, init_std: float = 1.0) -> Q
 # %% ../nbs/00_tasks.ipynb #9045971d
 @dataclass
 class NoisyQuadraticTask(Task):
-    "Seed 003's noisy quadratic model: a diagonal quadratic whose optimum is resampled every step"
+    "The noisy quadratic model of Harrison et al. (2022): a diagonal quadratic whose optimum is resampled every step"
     dim: int = 10           # number of coordinates
     condition: float = 100.0 # ratio of the largest to the smallest curvature
     scale: float = 1.0      # the largest curvature
@@ -423,37 +424,11 @@ def _epochs(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size): yield perm[i:i + batch_size]
 
-# %% ../nbs/00_tasks.ipynb #45186b7c
-@dataclass
-class MLPTask(Task):
-    "An MLP classifier trained with cross-entropy on minibatches of a `ClassificationData`"
-    data: ClassificationData = field(default=None, repr=False)  # defaults to the shipped MNIST subset
-    hidden: tuple = (20,)         # widths of the hidden layers
-    activation: str = 'sigmoid'   # one of ACTIVATIONS
-    batch_size: int = 128         # minibatch size
-    init_std: float | None = 0.01 # N(0, init_std^2) weights and zero biases; None keeps PyTorch's init
-
-    def __post_init__(self):
-        if self.data is None: self.data = mnist_subset()
-        if isinstance(self.hidden, int): self.hidden = (self.hidden,)  # hidden=40: one hidden layer of 40 units
-        if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
-            raise ValueError(f"hidden must be a width or a sequence of widths, each an integer >= 1, got {self.hidden!r}")
-        self.hidden = tuple(self.hidden)
-        if not 1 <= self.batch_size <= len(self.data.x_train):
-            raise ValueError(f"batch_size must be between 1 and {len(self.data.x_train)} (the training set), got {self.batch_size}")
-        if self.activation not in ACTIVATIONS: raise ValueError(f"unknown activation {self.activation!r}; use one of {list(ACTIVATIONS)}")
-
+# %% ../nbs/00_tasks.ipynb #63ab2a60
+class ClassifierTask(Task):
+    "Cross-entropy classification on minibatches of a `ClassificationData`; a subclass gives `data`, `batch_size` and `build`"
     @property
     def splits(self) -> tuple: return self.data.splits   # 'valid' too when the data have a validation split
-
-    def build(self): return mlp([self.data.n_features, *self.hidden, self.data.n_classes], self.activation)
-
-    def init_weights(self, model, gen):
-        if self.init_std is None: return
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith('bias'): p.zero_()
-                else: p.copy_(torch.randn(p.shape, generator=gen) * self.init_std)
 
     def criterion(self, logits, y): return F.cross_entropy(logits, y)
 
@@ -472,6 +447,36 @@ class MLPTask(Task):
         logits = self.forward(model_or_params, x)
         return {'loss': F.cross_entropy(logits, y).item(), 'accuracy': (logits.argmax(1) == y).float().mean().item()}
 
+
+# %% ../nbs/00_tasks.ipynb #45186b7c
+@dataclass
+class MLPTask(ClassifierTask):
+    "An MLP classifier trained with cross-entropy on minibatches of a `ClassificationData`"
+    data: ClassificationData = field(default=None, repr=False)  # defaults to the shipped MNIST subset
+    hidden: tuple = (20,)         # widths of the hidden layers
+    activation: str = 'sigmoid'   # one of ACTIVATIONS
+    batch_size: int = 128         # minibatch size
+    init_std: float | None = 0.01 # N(0, init_std^2) weights and zero biases; None keeps PyTorch's init
+
+    def __post_init__(self):
+        if self.data is None: self.data = mnist_subset()
+        if isinstance(self.hidden, int): self.hidden = (self.hidden,)  # hidden=40: one hidden layer of 40 units
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a width or a sequence of widths, each an integer >= 1, got {self.hidden!r}")
+        self.hidden = tuple(self.hidden)
+        if not 1 <= self.batch_size <= len(self.data.x_train):
+            raise ValueError(f"batch_size must be between 1 and {len(self.data.x_train)} (the training set), got {self.batch_size}")
+        if self.activation not in ACTIVATIONS: raise ValueError(f"unknown activation {self.activation!r}; use one of {list(ACTIVATIONS)}")
+
+    def build(self): return mlp([self.data.n_features, *self.hidden, self.data.n_classes], self.activation)
+
+    def init_weights(self, model, gen):
+        if self.init_std is None: return
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith('bias'): p.zero_()
+                else: p.copy_(torch.randn(p.shape, generator=gen) * self.init_std)
+
     @property
     def config(self):
         return {'task': 'MLPTask', 'data': self.data.config, 'hidden': list(self.hidden),
@@ -485,6 +490,50 @@ def mnist_mlp(**kwargs) -> MLPTask:
 def spirals_mlp(turns: float = 1.5, noise: float = 0.05, seed: int = 0, **kwargs) -> MLPTask:
     "The out-of-distribution task of LGL2O: an MLP on two spirals (same default architecture)"
     return MLPTask(data=spirals(turns=turns, noise=noise, seed=seed), **kwargs)
+
+# %% ../nbs/00_tasks.ipynb #c019b6d5
+@functools.lru_cache(maxsize=2)
+def mnist_images(size: int = 32, channels: int = 3) -> ClassificationData:
+    "The MNIST subset as `channels` x `size` x `size` images (zero-padded 28x28, the grey level in every channel), flattened per image"
+    if size < 28 or channels < 1: raise ValueError(f"size must be at least 28 and channels at least 1, got {size} and {channels}")
+    data, pad = mnist_subset(), ((size - 28) // 2, (size - 27) // 2)
+    def images(x: Tensor) -> Tensor:
+        x = F.pad(x.view(-1, 1, 28, 28), (pad[0], pad[1], pad[0], pad[1]))
+        return x.expand(-1, channels, -1, -1).reshape(len(x), -1).contiguous()
+    return ClassificationData(images(data.x_train), data.y_train, images(data.x_test), data.y_test,
+                              {**data.config, 'image_shape': [channels, size, size]})
+
+@dataclass
+class CNNTask(ClassifierTask):
+    "A small convolutional classifier of images given flattened: forward and backward dominate its training step"
+    data: ClassificationData = field(default=None, repr=False)  # inputs are flattened images of `image_shape`; defaults to `mnist_images()`
+    channels: tuple = (32, 64, 64)    # output channels of the 3x3 convolutions, each followed by ReLU and 2x2 max-pooling
+    image_shape: tuple = (3, 32, 32)  # (channels, height, width) of an input
+    batch_size: int = 64              # minibatch size
+
+    def __post_init__(self):
+        if self.data is None: self.data = mnist_images(self.image_shape[1], self.image_shape[0])
+        self.channels, self.image_shape = tuple(self.channels), tuple(self.image_shape)
+        if math.prod(self.image_shape) != self.data.n_features:
+            raise ValueError(f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels but the data have {self.data.n_features} features")
+        if not 1 <= self.batch_size <= len(self.data.x_train):
+            raise ValueError(f"batch_size must be between 1 and {len(self.data.x_train)} (the training set), got {self.batch_size}")
+
+    def build(self):
+        layers, c_in = [nn.Unflatten(1, self.image_shape)], self.image_shape[0]
+        for c in self.channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, self.data.n_classes))
+
+    @property
+    def config(self):
+        return {'task': 'CNNTask', 'data': self.data.config, 'channels': list(self.channels), 'image_shape': list(self.image_shape),
+                'batch_size': self.batch_size}
+
+def mnist_cnn(**kwargs) -> CNNTask:
+    "A forward-heavy task: the 57k-parameter CNN on MNIST as 32x32x3 images, batch 64"
+    return CNNTask(**kwargs)
 
 # %% ../nbs/00_tasks.ipynb #d0bd49e6
 class TaskFamily:

@@ -48,9 +48,20 @@ def test_the_shadow_rule_is_never_worse_than_its_fallback_where_the_paper_rule_i
 
 
 def test_cost_figures_are_printed(run_notebook):
+    "Both tasks, each net's floor, and the memory that keeping both graphs costs where activations are large"
     r = _bench_results(run_notebook)
-    assert {'LGL2O/unguarded (lstm-mnist)', 'lstm-mnist/Adam', 'LGL2O shadow/paper rule (lstm-mnist)'} <= set(r['ratios'])
+    for task in ('mnist-mlp', 'mnist-cnn'):
+        assert {f'LGL2O/unguarded (lstm-mnist, {task})', f'floor/unguarded (lstm-mnist, {task})', f'LGL2O extra/floor extra (lstm-mnist, {task})',
+                f'LGL2O shadow/paper rule (lstm-mnist, {task})', f'lstm-mnist/Adam ({task})'} <= set(r['ratios'])
     assert all(v > 0 for v in r['ratios'].values())
+    table = pd.DataFrame(r['times']).set_index(['task', 'optimizer'])
+    nets = [n for n in DEFAULT_NETS if ('mnist-cnn', n) in table.index]
+    assert nets
+    for n in nets:
+        floor = table.loc[('mnist-cnn', f'floor({n})'), 'cpu_ms_per_step']
+        assert floor > table.loc[('mnist-cnn', n), 'cpu_ms_per_step']
+        both, one = (table.loc[('mnist-cnn', f'LGL2O({n}, Adam{graphs})'), 'peak_mb'] for graphs in ('', ', one graph'))
+        assert both > one + 0.5 * table.loc[('mnist-cnn', 'forward (no graph)'), 'peak_mb']   # the activations of a second forward
 
 
 def test_same_seeds_same_table():
@@ -136,7 +147,7 @@ def test_report_says_what_it_compares_and_records_tasks_by_name(tmp_path):
 
 
 def test_cost_targets_say_where_they_come_from():
-    lines = ratio_lines({'LGL2O/unguarded (lstm-mnist)': 1.0, 'mlp-mnist/Adam': 2.0, 'lstm-mnist/Adam': 8.0}).splitlines()
+    lines = ratio_lines({'LGL2O/unguarded (lstm-mnist, mnist-mlp)': 1.0, 'mlp-mnist/Adam (mnist-mlp)': 2.0, 'lstm-mnist/Adam (mnist-mlp)': 8.0}).splitlines()
     assert 'target <= 1.10: met; the loss guard adds one forward pass' in lines[0]
     assert 'target <= 3.00: met; the per-parameter MLP' in lines[1]
     assert lines[2].endswith('(no target)')

@@ -30,23 +30,28 @@ def main(folder):
     lstm = lambda ps: LearnedOptimizer(ps, load_pretrained('lstm-mnist'))
     runs = {'plain SGD': None, 'LossGuard(SGD, SGD)': (LossGuard, sgd, sgd), 'LossGuard(Adam, SGD)': (LossGuard, adam, sgd),
             'LossGuard(lstm-mnist, Adam)': (LossGuard, lstm, adam), 'GradientGuard(Adam, SGD)': (GradientGuard, adam, sgd),
-            'LossGuard(SGD, SGD, shadow)': (LossGuard, sgd, sgd, 0.02), 'LossGuard(lstm-mnist, Adam, shadow)': (LossGuard, lstm, adam, 0.0)}
+            'LossGuard(SGD, SGD, shadow)': (LossGuard, sgd, sgd, dict(shadow=0.02)),
+            'LossGuard(lstm-mnist, Adam, shadow)': (LossGuard, lstm, adam, dict(shadow=0.0)),
+            'LossGuard(Adam, SGD, one graph)': (LossGuard, adam, sgd, dict(keep_both_graphs=False)),
+            'LossGuard(Adam, SGD, unused search)': (LossGuard, adam, sgd, dict(find_unused_parameters=True)),
+            'LossGuard(Adam, SGD, unused search, one graph)': (LossGuard, adam, sgd, dict(find_unused_parameters=True, keep_both_graphs=False))}
     out = {}
     for name, spec in runs.items():
         torch.manual_seed(2 + rank)   # different dropout masks on each process, as in real data-parallel training
         net = model()
-        ddp = DDP(net)   # a local: nothing holds the process group when the process ends
+        kw = dict(spec[3]) if spec is not None and len(spec) > 3 else {}
+        ddp = DDP(net, find_unused_parameters=kw.pop('find_unused_parameters', False))   # a local: nothing holds the process group when the process ends
         if spec is None:
             opt = sgd(ddp.parameters())
             for b in shards[:6]:
                 opt.zero_grad(); loss_of(ddp, b).backward(); opt.step()
             counts = None
         else:
-            cls, learned, fallback, *shadow = spec
-            guard = cls(learned(ddp.parameters()), fallback(ddp.parameters()), shadow=(shadow or [None])[0])
+            cls, learned, fallback = spec[:3]
+            guard = cls(learned(ddp.parameters()), fallback(ddp.parameters()), record=True, **kw)
             for b in shards[:6]: guard.step(lambda: loss_of(ddp, b))
             guard.resolve(lambda: loss_of(ddp, shards[6]))
-            counts = {**guard.counts, 'resets': guard.resets}
+            counts = {**guard.counts, 'resets': guard.resets, 'third forwards': sum(h['forward'] == 3 for h in guard.history)}
         out[name] = {'params': [p.detach().flatten().tolist() for p in net.parameters()],
                      'buffers': [b.detach().flatten().tolist() for b in net.buffers()], 'counts': counts}
     json.dump(out, open(folder + f'/rank{rank}.json', 'w'))
@@ -69,7 +74,8 @@ def max_difference(a: list, b: list) -> float:
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize('run', ['plain SGD', 'LossGuard(SGD, SGD)', 'LossGuard(Adam, SGD)', 'LossGuard(lstm-mnist, Adam)',
-                                 'GradientGuard(Adam, SGD)', 'LossGuard(SGD, SGD, shadow)', 'LossGuard(lstm-mnist, Adam, shadow)'])
+                                 'GradientGuard(Adam, SGD)', 'LossGuard(SGD, SGD, shadow)', 'LossGuard(lstm-mnist, Adam, shadow)',
+                                 'LossGuard(Adam, SGD, one graph)', 'LossGuard(Adam, SGD, unused search)'])
 def test_replicas_stay_bit_identical(ranks, run):
     r0, r1 = ranks[0][run], ranks[1][run]
     assert r0['params'] == r1['params'], max_difference(r0['params'], r1['params'])
@@ -85,3 +91,16 @@ def test_a_guard_over_one_optimizer_twice_is_plain_ddp(ranks):
         for guarded in (r['LossGuard(SGD, SGD)'], r['LossGuard(SGD, SGD, shadow)']):
             assert plain['params'] == guarded['params'] and plain['buffers'] == guarded['buffers']
     assert ranks[0]['LossGuard(Adam, SGD)']['params'] != ranks[0]['plain SGD']['params']   # the comparison is not vacuous
+
+
+@pytest.mark.timeout(400)
+def test_the_other_candidates_kept_graph_is_a_third_forward_under_ddp(ranks):
+    "Backpropagating the kept graph of the candidate evaluated first gives the replicas what a third forward gives them"
+    for r in ranks:
+        for both, one in [('LossGuard(Adam, SGD)', 'LossGuard(Adam, SGD, one graph)'),
+                          ('LossGuard(Adam, SGD, unused search)', 'LossGuard(Adam, SGD, unused search, one graph)')]:
+            assert r[both]['params'] == r[one]['params'] and r[both]['buffers'] == r[one]['buffers']
+            assert r[one]['counts']['third forwards'] > 0   # the path was taken
+        assert r['LossGuard(Adam, SGD)']['counts']['third forwards'] == 0
+        # DDP's search for unused parameters notes the last forward's graph: the guard evaluates the winner again
+        assert r['LossGuard(Adam, SGD, unused search)']['counts']['third forwards'] > 0

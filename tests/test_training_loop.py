@@ -123,7 +123,11 @@ ADAM = functools.partial(torch.optim.Adam, lr=0.01)
 class Boom(Exception): pass
 
 
-@pytest.mark.parametrize('guard_cls,fail_at', [(LossGuard, 1), (LossGuard, 2), (LossGuard, 3), (GradientGuard, 1), (GradientGuard, 2)])
+ONE_GRAPH = functools.partial(LossGuard, keep_both_graphs=False)   # a third forward when the provisional candidate loses
+
+
+@pytest.mark.parametrize('guard_cls,fail_at', [(LossGuard, 1), (LossGuard, 2), (ONE_GRAPH, 3), (GradientGuard, 1), (GradientGuard, 2)],
+                         ids=['LossGuard-1', 'LossGuard-2', 'LossGuard-one-graph-3', 'GradientGuard-1', 'GradientGuard-2'])
 def test_closure_failing_at_any_call_changes_nothing_and_the_loop_goes_on(guard_cls, fail_at):
     "A loop that catches the error and skips the batch continues exactly as a loop that never saw that batch"
     batches = regression_batches(10)
@@ -169,6 +173,32 @@ def test_closure_failing_at_any_call_changes_nothing_and_the_loop_goes_on(guard_
     assert_same_tensors(m1.parameters(), m2.parameters())
     assert_same_tensors(m1.buffers(), m2.buffers())
     assert g1.counts == g2.counts and g1.history == g2.history
+
+
+def test_failure_after_the_first_evaluated_candidate_wins_changes_nothing(shadow):
+    "When the candidate evaluated first wins, its kept graph and buffer effects are taken up; a failure after that still undoes all"
+    batches = regression_batches(12)
+    model, fail = small_net(bn=True, dropout=0.2), [False]
+    def hook(grads):
+        if fail[0]: raise Boom()
+    guard = LossGuard(ADAM(model.parameters()), SGD(model.parameters()), record=True, grad_hook=hook)
+    torch.manual_seed(1)
+    for b in batches:
+        probe_model, probe = copy.deepcopy((model, guard))
+        held, state = guard._provisional, torch.get_rng_state()
+        probe.step(lambda: mse(probe_model, b))
+        torch.set_rng_state(state)
+        if guard.pending and probe.last_choice != held: break   # on this batch the candidate evaluated first wins
+        guard.step(lambda: mse(model, b))
+    else: pytest.fail('the provisional candidate won every decision')
+    before = everything(model, guard)
+    fail[0] = True
+    with pytest.raises(Boom): guard.step(lambda: mse(model, b))
+    assert_unchanged(before, everything(model, guard))
+    fail[0] = False
+    guard.step(lambda: mse(model, b))   # the retry is the step the probe took
+    assert_same_tensors([*model.parameters(), *model.buffers()], [*probe_model.parameters(), *probe_model.buffers()])
+    assert guard.history[-1]['forward'] == 2 + (shadow is not None)   # no third forward (the shadow run has its own)
 
 
 @pytest.mark.parametrize('guard_cls', GUARDS)
@@ -342,12 +372,15 @@ def test_both_candidates_of_a_decision_see_the_same_dropout_masks():
     assert all(h['loss_learned'] == h['loss_fallback'] and h['choice'] == 'fallback' for h in decided)
 
 
-def test_the_chosen_candidates_graph_forward_reproduces_its_evaluation():
-    "When the provisional candidate lost, the forward with a graph at the winner sees the evaluation's masks"
+@pytest.mark.parametrize('keep_both_graphs', [True, False])
+def test_the_chosen_candidates_graph_forward_reproduces_its_evaluation(keep_both_graphs):
+    "When the provisional candidate lost, the graph the winner's gradient comes from (kept, or a third forward) has the evaluation's masks"
     model = small_net(dropout=0.5)
-    guard = LossGuard(torch.optim.SGD(model.parameters(), lr=0.3), torch.optim.SGD(model.parameters(), lr=0.01), record=True)
+    guard = LossGuard(torch.optim.SGD(model.parameters(), lr=0.3), torch.optim.SGD(model.parameters(), lr=0.01), record=True,
+                      keep_both_graphs=keep_both_graphs)
     guarded_run(model, guard, regression_batches(12))
-    switched = [h for h in guard.history if 'choice' in h and h['forward'] == 3]
+    held = [None, 'fallback'] + [h.get('choice') for h in guard.history[1:-1]]
+    switched = [h for h, p in zip(guard.history, held) if 'choice' in h and h['choice'] != p]
     assert switched, 'no step where the provisional candidate lost'
     for h in switched: assert h['loss'] == pytest.approx(h['loss_' + h['choice']], rel=1e-6)
 
