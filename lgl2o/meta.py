@@ -266,7 +266,7 @@ class MetaConfig:
     objective: str = 'sum'            # meta-objective, one of OBJECTIVES
     meta_split: str = 'train'         # 'train': train-by-train; 'valid' or 'test': train-by-validation on that split
     second_order: bool = False        # keep the optimizee's gradient in the graph (exact, slower)
-    estimator: str = 'tbptt'          # meta-gradient estimator, one of ESTIMATORS: 'tbptt' (truncated backpropagation), 'es' (antithetic evolution strategies per truncation) or 'pes' (persistent evolution strategies, unbiased over the trajectory)
+    estimator: str = 'tbptt'          # meta-gradient estimator: 'tbptt' (truncated backpropagation), 'es' (antithetic evolution strategies per truncation) or 'pes' (persistent evolution strategies, unbiased over the trajectory)
     perturbations: int = 8            # with 'es' and 'pes': antithetic pairs per task instance and meta-step (2 unrolls each, plus the unperturbed one)
     sigma: float = 0.01               # with 'es' and 'pes': standard deviation of the perturbations of the net's meta-parameters
     meta_optimizer: str = 'adam'      # 'adam' (AdamW when weight decay > 0) or 'sgd'
