@@ -236,7 +236,7 @@ def antithetic_estimate(plus: Tensor,        # meta-losses at theta + eps_j, sha
                         directions: Tensor,  # eps_j (ES) or the accumulated xi_j (PES), shape (P, D)
                         sigma: float,        # the perturbations' standard deviation
                        ) -> Tensor:
-    "The antithetic ES/PES meta-gradient: the mean over pairs of (L+ - L-) v / (2 sigma^2), shape (D,), float64"
+    "The antithetic ES/PES meta-gradient, the mean over pairs of (L+ - L-) v / (2 sigma^2), shape (D,), float64 (PES: Vicol, Metz and Sohl-Dickstein, ICML 2021, arXiv:2112.13835, Algorithm 2)"
     if plus.shape != minus.shape or plus.dim() != 1 or directions.dim() != 2 or directions.shape[0] != plus.shape[0]:
         raise ValueError(f"plus and minus must have shape (P,) and directions (P, D); got {tuple(plus.shape)}, {tuple(minus.shape)}, {tuple(directions.shape)}")
     return ((plus - minus).double()[:, None] * directions.double()).mean(0) / (2 * sigma ** 2)
@@ -266,7 +266,7 @@ class MetaConfig:
     objective: str = 'sum'            # meta-objective, one of OBJECTIVES
     meta_split: str = 'train'         # 'train': train-by-train; 'valid' or 'test': train-by-validation on that split
     second_order: bool = False        # keep the optimizee's gradient in the graph (exact, slower)
-    estimator: str = 'tbptt'          # meta-gradient estimator: 'tbptt' (truncated backpropagation), 'es' (antithetic evolution strategies per truncation) or 'pes' (persistent evolution strategies, unbiased over the trajectory)
+    estimator: str = 'tbptt'          # meta-gradient estimator: 'tbptt' (truncated backpropagation), 'es' (antithetic evolution strategies per truncation) or 'pes' (persistent evolution strategies, unbiased over the trajectory; Vicol et al., ICML 2021, arXiv:2112.13835)
     perturbations: int = 8            # with 'es' and 'pes': antithetic pairs per task instance and meta-step (2 unrolls each, plus the unperturbed one)
     sigma: float = 0.01               # with 'es' and 'pes': standard deviation of the perturbations of the net's meta-parameters
     meta_optimizer: str = 'adam'      # 'adam' (AdamW when weight decay > 0) or 'sgd'
