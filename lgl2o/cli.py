@@ -25,7 +25,7 @@ import torch
 import lgl2o
 from .distributed import is_main
 from .learned import NETS
-from .meta import OBJECTIVES, TASKS, MetaConfig, MetaTrainer, load_checkpoint, read_checkpoint
+from .meta import ESTIMATORS, OBJECTIVES, TASKS, MetaConfig, MetaTrainer, load_checkpoint, read_checkpoint
 from .bench import DEFAULT_NETS, run_benchmark, scenarios, write_report
 from .pretrained import load_pretrained, pretrained_names, save_net
 
@@ -50,7 +50,7 @@ def field_comments(cls) -> dict[str, str]:
     return {k: v for k, v in comments.items() if k in fields}
 
 # %% ../nbs/06_cli.ipynb #fe971b1f
-CHOICES = {'net': NETS, 'task': TASKS, 'objective': OBJECTIVES}   # registries whose names the help lists
+CHOICES = {'net': NETS, 'task': TASKS, 'objective': OBJECTIVES, 'estimator': ESTIMATORS}   # registries whose names the help lists
 
 def option_name(field: str) -> str: return '--' + field.replace('_', '-')
 

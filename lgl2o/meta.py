@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -28,8 +29,9 @@ from .tasks import (LeastSquaresTask, MLPFamily, NoisyQuadraticTask, QuadraticFa
                          TaskFamily, check_split, gaussian_quadratic, mnist_mlp, seeded, spirals_mlp)
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'TASKS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'to_device', 'BatchStream', 'meta_loss', 'Unroll',
-           'unroll_batch', 'unroll', 'detach_state', 'make_task', 'MetaConfig', 'atomic_save', 'read_checkpoint',
+__all__ = ['OBJECTIVES', 'ESTIMATORS', 'TASKS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'to_device', 'BatchStream',
+           'meta_loss', 'Unroll', 'unroll_batch', 'unroll', 'detach_state', 'meta_vector', 'perturbed', 'perturbation',
+           'forward_unroll', 'antithetic_estimate', 'make_task', 'MetaConfig', 'atomic_save', 'read_checkpoint',
            'load_checkpoint', 'run_net', 'evaluate_net', 'instance_seeds', 'MetaTrainer', 'meta_train']
 
 # %% ../nbs/03_meta.ipynb #b508f042
@@ -147,6 +149,98 @@ def detach_state(params: dict, states: list[dict]) -> tuple[dict, list[dict]]:
     "Parameters and net states cut from the graph, to carry into the next truncation"
     return {k: v.detach() for k, v in params.items()}, [{k: v.detach() for k, v in s.items()} for s in states]
 
+# %% ../nbs/03_meta.ipynb #e5a10002
+ESTIMATORS = ('tbptt', 'es', 'pes')
+
+def meta_vector(net: LearnedNet) -> Tensor:
+    "The net's meta-parameters as one flat vector (a copy), shape (D,) in the order of `net.parameters()`"
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
+
+@contextmanager
+def perturbed(net: LearnedNet, eps: Tensor):
+    "Inside the `with` block the net's meta-parameters are theta + `eps` (flat, shape (D,)); afterwards exactly theta again. `ValueError` on a wrong shape"
+    params = list(net.parameters())
+    sizes = [p.numel() for p in params]
+    if tuple(eps.shape) != (sum(sizes),):
+        raise ValueError(f"a perturbation must be a flat vector of the net's {sum(sizes)} meta-parameters, got shape {tuple(eps.shape)}")
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps.split(sizes)): p.add_(e.view_as(p).to(p))
+    try: yield net
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved): p.copy_(s)
+
+def perturbation(seed: int,     # the run's seed
+                 draw: int,     # which estimate of the run (the trainer counts them)
+                 pair: int,     # which antithetic pair of that estimate
+                 dim: int,      # D, the number of meta-parameters
+                 sigma: float,  # standard deviation (in the units of the meta-parameters)
+                ) -> Tensor:
+    "eps ~ N(0, sigma^2 I), shape (dim,), float32 on the CPU: a function of its arguments alone, so every process and a resumed run draw the same"
+    key = np.random.SeedSequence([int(seed) % 2**63, int(draw), int(pair), 0xE5]).generate_state(2)
+    return torch.randn(dim, generator=torch.Generator().manual_seed((int(key[0]) << 31) ^ int(key[1]))) * sigma
+
+# %% ../nbs/03_meta.ipynb #e5a10005
+def forward_unroll(net: LearnedNet,            # the learned optimizer (its meta-parameters as they are: see `perturbed`)
+                   tasks: list[Task],          # the task instances, unrolled together
+                   params: list[dict],         # starting parameters of each instance
+                   states: list[list[dict]],   # starting net states of each instance
+                   batches: list[Iterator],    # training batches of each instance
+                   steps: int = 20,            # unroll length T
+                   step: int = 0,              # optimizee steps already taken
+                   objective: str = 'sum',     # meta-objective, one of OBJECTIVES
+                   meta_batches: list[Iterator] | None = None,  # held-out batches of each instance; None is train-by-train
+                   offsets: list[float] | None = None,  # task minima for the log objectives (default 0)
+                  ) -> list[Unroll]:
+    "`unroll_batch` without a graph to the net, the forward pass of ES and PES: each instance's meta-loss value and carried parameters and states"
+    if steps < 1: raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (len(tasks) == len(params) == len(states) == len(batches) >= 1):
+        raise ValueError(f"forward_unroll needs as many params, states and batches as tasks (>= 1); got {len(tasks)}, {len(params)}, {len(states)}, {len(batches)}")
+    names, sizes = [list(p) for p in params], [len(p) for p in params]
+    theta = [[p.detach() for p in ps.values()] for ps in params]
+    flat_states = [{k: v.detach() for k, v in s.items()} for ss in states for s in ss]
+    def loss_and_grads(i, batch):
+        th = [p.detach().requires_grad_() for p in theta[i]]
+        with torch.enable_grad():
+            loss = tasks[i].loss(dict(zip(names[i], th)), batch)
+            grads = torch.autograd.grad(loss, th, allow_unused=True)
+        return loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(th, grads)]
+    first = [loss_and_grads(i, next(b)) for i, b in enumerate(batches)]
+    losses, grads = [l for l, _ in first], [g for _, g in first]
+    terms = [[] for _ in tasks]
+    for t in range(steps):
+        with torch.no_grad():
+            flat_theta, flat_states = net.update([p for th in theta for p in th], [g for gs in grads for g in gs], flat_states, step + t)
+        theta = _split(flat_theta, sizes)
+        for i in range(len(tasks)):
+            if meta_batches is None or t < steps - 1: losses[i], grads[i] = loss_and_grads(i, next(batches[i]))
+            if meta_batches is None: terms[i].append(losses[i])
+            else:
+                with torch.no_grad(): terms[i].append(tasks[i].loss(dict(zip(names[i], theta[i])), next(meta_batches[i])))
+    offsets = offsets or [0.0] * len(tasks)
+    return [Unroll(meta_loss(tm, objective, off), tm, dict(zip(nm, th)), st, step + steps)
+            for tm, off, nm, th, st in zip(terms, offsets, names, theta, _split(flat_states, sizes))]
+
+class _Recording:
+    "An iterator passing a stream's items on and keeping them: the particles of ES and PES replay the batches of the unperturbed unroll"
+    def __init__(self, stream: Iterator): self.stream, self.items = stream, []
+    def __iter__(self): return self
+    def __next__(self):
+        self.items.append(next(self.stream))
+        return self.items[-1]
+
+# %% ../nbs/03_meta.ipynb #e5a10008
+def antithetic_estimate(plus: Tensor,        # meta-losses at theta + eps_j, shape (P,)
+                        minus: Tensor,       # meta-losses at theta - eps_j, shape (P,)
+                        directions: Tensor,  # eps_j (ES) or the accumulated xi_j (PES), shape (P, D)
+                        sigma: float,        # the perturbations' standard deviation
+                       ) -> Tensor:
+    "The antithetic ES/PES meta-gradient, the mean over pairs of (L+ - L-) v / (2 sigma^2), shape (D,), float64 (PES: Vicol, Metz and Sohl-Dickstein, ICML 2021, arXiv:2112.13835, Algorithm 2)"
+    if plus.shape != minus.shape or plus.dim() != 1 or directions.dim() != 2 or directions.shape[0] != plus.shape[0]:
+        raise ValueError(f"plus and minus must have shape (P,) and directions (P, D); got {tuple(plus.shape)}, {tuple(minus.shape)}, {tuple(directions.shape)}")
+    return ((plus - minus).double()[:, None] * directions.double()).mean(0) / (2 * sigma ** 2)
+
 # %% ../nbs/03_meta.ipynb #bc1d3498
 TASKS = {'mnist_mlp': mnist_mlp, 'spirals_mlp': spirals_mlp, 'quadratic': QuadraticTask, 'gaussian_quadratic': gaussian_quadratic,
          'noisy_quadratic': NoisyQuadraticTask, 'least_squares': LeastSquaresTask,
@@ -172,6 +266,9 @@ class MetaConfig:
     objective: str = 'sum'            # meta-objective, one of OBJECTIVES
     meta_split: str = 'train'         # 'train': train-by-train; 'valid' or 'test': train-by-validation on that split
     second_order: bool = False        # keep the optimizee's gradient in the graph (exact, slower)
+    estimator: str = 'tbptt'          # meta-gradient estimator: 'tbptt' (truncated backpropagation), 'es' (antithetic evolution strategies per truncation) or 'pes' (persistent evolution strategies, unbiased over the trajectory; Vicol et al., ICML 2021, arXiv:2112.13835)
+    perturbations: int = 8            # with 'es' and 'pes': antithetic pairs per task instance and meta-step (2 unrolls each, plus the unperturbed one)
+    sigma: float = 0.01               # with 'es' and 'pes': standard deviation of the perturbations of the net's meta-parameters
     meta_optimizer: str = 'adam'      # 'adam' (AdamW when weight decay > 0) or 'sgd'
     lr: float = 1e-3                  # meta learning rate
     lr_schedule: str = 'constant'     # meta learning rate over the run: 'constant', or 'cosine' (from lr at meta-step 0 down to 0 at meta_steps)
@@ -192,7 +289,11 @@ class MetaConfig:
         if self.objective not in OBJECTIVES: raise ValueError(f"unknown objective {self.objective!r}; use one of {list(OBJECTIVES)}")
         if self.meta_split not in ('train', 'valid', 'test'): raise ValueError(f"meta_split must be 'train', 'valid' or 'test', got {self.meta_split!r}")
         if self.meta_optimizer not in ('adam', 'sgd'): raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {self.meta_optimizer!r}")
-        for name in ('meta_steps', 'unroll', 'trajectory', 'tasks_per_step', 'eval_instances'):
+        if self.estimator not in ESTIMATORS: raise ValueError(f"unknown estimator {self.estimator!r}; use one of {list(ESTIMATORS)}")
+        if self.second_order and self.estimator != 'tbptt':
+            raise ValueError(f"second_order applies to estimator 'tbptt' only; {self.estimator!r} differentiates nothing (drop second_order)")
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0): raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
+        for name in ('meta_steps', 'unroll', 'trajectory', 'tasks_per_step', 'eval_instances', 'perturbations'):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         for name in ('checkpoint_every', 'eval_every'):
@@ -332,7 +433,7 @@ def _task_on(task: Task, device: torch.device) -> Task:
 
 # %% ../nbs/03_meta.ipynb #3e65b313
 class MetaTrainer:
-    "Meta-trains a learned optimizer by truncated backpropagation through unrolls; resumable, and distributed under torchrun"
+    "Meta-trains a learned optimizer by truncated backpropagation, ES or PES through unrolls; resumable, and distributed under torchrun"
     def __init__(self,
                  config: MetaConfig,                     # all settings of the run
                  out_dir=None,                           # where metrics, checkpoints and config go; None keeps everything in memory
@@ -344,10 +445,16 @@ class MetaTrainer:
         self.device = resolve_device(config.device)
         if launched(): init_distributed(config.device)   # started by torchrun: join the other workers
         self.rank, self.world = rank(), world_size()
-        if config.tasks_per_step % self.world:
+        self.pairs = config.tasks_per_step * config.perturbations if config.estimator != 'tbptt' else 0   # antithetic pairs per meta-step, all processes
+        if config.estimator == 'tbptt' and config.tasks_per_step % self.world:
             raise ValueError(f"tasks_per_step {config.tasks_per_step} must be a multiple of the {self.world} processes; "
                              f"use --tasks-per-step {self.world * max(1, config.tasks_per_step // self.world)} or fewer processes")
-        self.local_tasks = config.tasks_per_step // self.world
+        if self.pairs % self.world:
+            raise ValueError(f"tasks_per_step x perturbations = {self.pairs} antithetic pairs must be a multiple of the {self.world} processes; "
+                             f"use --perturbations {self.world * max(1, self.pairs // self.world)} (with one task per step) or fewer processes")
+        # truncated backpropagation shares the task instances among the processes; ES and PES share the pairs, and every
+        # process carries all instances' unperturbed trajectories (the same on every process)
+        self.local_tasks = config.tasks_per_step // self.world if config.estimator == 'tbptt' else config.tasks_per_step
         self.task = task if task is not None else make_task(config.task, **config.task_config)
         if not isinstance(self.task, (Task, TaskFamily)): raise TypeError(f"task must be a Task or TaskFamily, got {type(self.task).__name__}")
         check_split(self._sample(0), config.meta_split)
@@ -361,6 +468,7 @@ class MetaTrainer:
         else: self.meta_opt = torch.optim.Adam(params, lr=config.lr)
         self.rng = random.Random(config.seed)
         self.step, self.history, self.best, self.trajs = 0, [], math.inf, None
+        self.draws, self.particles = 0, None   # ES/PES: estimates made so far (the perturbations' counter) and PES's particles
 
     @property
     def traj(self) -> _Trajectory | None:
@@ -385,8 +493,25 @@ class MetaTrainer:
     def _new_trajectories(self) -> list[_Trajectory]:
         "This process's share of the task instances of trajectories starting now"
         if self.config.tasks_per_step == 1: seeds = [tuple(self.rng.randrange(2**31) for _ in range(3))]   # the original stream
-        else: seeds = [instance_seeds(self.config.seed, self.step, self.rank * self.local_tasks + i) for i in range(self.local_tasks)]
+        else:
+            first = self.rank * self.local_tasks if self.config.estimator == 'tbptt' else 0
+            seeds = [instance_seeds(self.config.seed, self.step, first + i) for i in range(self.local_tasks)]
         return [self._start_trajectory(s) for s in seeds]
+
+    def _my_pairs(self) -> range:
+        "This process's share of the antithetic pairs of a meta-step: pair u perturbs task instance u // perturbations"
+        share = self.pairs // self.world
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    def _new_particles(self) -> list[dict]:
+        "PES: for each of this process's pairs, a + and a - particle at the start of their instance's trajectory, and xi = 0"
+        dim = sum(p.numel() for p in self.net.parameters())
+        out = []
+        for u in self._my_pairs():
+            tr = self.trajs[u // self.config.perturbations]
+            out.append({'pair': u, 'params': [dict(tr.params), dict(tr.params)], 'states': [list(tr.states), list(tr.states)],
+                        'xi': torch.zeros(dim, dtype=torch.float32, device=self.device)})
+        return out
 
     def _meta_gradient(self, losses: list[Tensor]) -> tuple[list[Tensor | None], float, bool]:
         "The meta-gradient averaged over all tasks of all processes (one all-reduce), the mean meta-loss, and whether all were finite"
@@ -407,18 +532,74 @@ class MetaTrainer:
         mean = [(c / n).view_as(p).to(p.dtype) if u else None for c, p, u in zip(chunks, params, used)]
         return mean, flat[-2].item() / n, True
 
-    def meta_step(self) -> dict:
-        "One truncation of every task instance: unroll, average the meta-gradients, clip, update the net; the metrics record"
+    def _evolution_gradient(self, steps: int) -> tuple[list[Unroll], list[Tensor | None], float, bool]:
+        "ES or PES: the unperturbed truncation of every instance, this process's antithetic pairs, one all-reduce of their estimates"
+        cfg, trs = self.config, self.trajs
+        step, meta = trs[0].step, trs[0].meta_batches is not None
+        train_rec = [_Recording(tr.batches) for tr in trs]
+        meta_rec = [_Recording(tr.meta_batches) for tr in trs] if meta else None
+        base = forward_unroll(self.net, [tr.task for tr in trs], [tr.params for tr in trs], [tr.states for tr in trs],
+                              train_rec, steps, step, cfg.objective, meta_rec, [tr.offset for tr in trs])
+        finite = all(bool(torch.isfinite(r.meta_loss)) for r in base)
+        params = list(self.net.parameters())
+        dim = sum(p.numel() for p in params)
+        pairs, plus, minus, directions = self._my_pairs(), [], [], []
+        for k, u in enumerate(pairs):
+            i = u // cfg.perturbations
+            tr = trs[i]
+            eps = perturbation(cfg.seed, self.draws, u, dim, cfg.sigma).to(self.device)
+            part = self.particles[k] if cfg.estimator == 'pes' else None
+            losses = []
+            for s, sign in enumerate((1.0, -1.0)):
+                start = (part['params'][s], part['states'][s]) if part is not None else (tr.params, tr.states)
+                with perturbed(self.net, sign * eps):
+                    r, = forward_unroll(self.net, [tr.task], [start[0]], [start[1]], [iter(train_rec[i].items)], steps, step,
+                                        cfg.objective, [iter(meta_rec[i].items)] if meta else None, [tr.offset])
+                losses.append(r.meta_loss)
+                if part is not None: part['params'][s], part['states'][s] = r.params, r.states
+            if part is not None: part['xi'] = part['xi'] + eps
+            plus.append(losses[0]); minus.append(losses[1])
+            directions.append(part['xi'] if part is not None else eps)
+        self.draws += 1
+        total = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        if pairs:
+            plus, minus = torch.stack(plus), torch.stack(minus)
+            finite = finite and bool(torch.isfinite(plus).all() and torch.isfinite(minus).all())
+            if finite: total = antithetic_estimate(plus, minus, torch.stack(directions), cfg.sigma) * len(pairs)
+        flat = torch.cat([total, torch.tensor([0.0 if finite else 1.0], dtype=torch.float64, device=self.device)])
+        all_reduce_sum(flat)
+        if flat[-1].item() > 0: return base, [None] * len(params), math.nan, False   # a particle diverged somewhere: skip, everywhere
+        grads = [(c / self.pairs).view_as(p).to(p.dtype) for c, p in zip(flat[:-1].split([p.numel() for p in params]), params)]
+        return base, grads, sum(r.meta_loss.item() for r in base) / len(base), True
+
+    def meta_gradient(self) -> tuple[list[Tensor | None], float, bool]:
+        "The next truncation of every task instance, and its meta-gradient by `config.estimator` averaged over all instances (and pairs) of all processes; the mean meta-loss (of the unperturbed unrolls) and whether all were finite. Advances the trajectories (and PES's particles), leaves the net unchanged"
         cfg = self.config
-        if self.trajs is None: self.trajs = self._new_trajectories()
-        trs, t0 = self.trajs, time.perf_counter()
+        if self.trajs is None:
+            self.trajs = self._new_trajectories()
+            if cfg.estimator == 'pes': self.particles = self._new_particles()
+        trs = self.trajs
         step = trs[0].step
-        res = unroll_batch(self.net, [tr.task for tr in trs], [tr.params for tr in trs], [tr.states for tr in trs],
-                           [tr.batches for tr in trs], min(cfg.unroll, cfg.trajectory - step), step, cfg.objective,
-                           None if trs[0].meta_batches is None else [tr.meta_batches for tr in trs], cfg.second_order,
-                           [tr.offset for tr in trs])
+        steps = min(cfg.unroll, cfg.trajectory - step)
+        if cfg.estimator == 'tbptt':
+            res = unroll_batch(self.net, [tr.task for tr in trs], [tr.params for tr in trs], [tr.states for tr in trs],
+                               [tr.batches for tr in trs], steps, step, cfg.objective,
+                               None if trs[0].meta_batches is None else [tr.meta_batches for tr in trs], cfg.second_order,
+                               [tr.offset for tr in trs])
+            grads, loss, ok = self._meta_gradient([r.meta_loss for r in res])
+        else: res, grads, loss, ok = self._evolution_gradient(steps)
+        for tr, r in zip(trs, res):
+            tr.params, tr.states = detach_state(r.params, r.states)
+            tr.step = r.step
+        if not ok or res[0].step >= cfg.trajectory: self.trajs = self.particles = None   # diverged or done: fresh trajectories next time
+        return grads, loss, ok
+
+    def meta_step(self) -> dict:
+        "One truncation of every task instance: unroll, estimate the meta-gradient (`meta_gradient`), clip, update the net; the metrics record"
+        cfg, t0 = self.config, time.perf_counter()
+        step = 0 if self.trajs is None else self.trajs[0].step
         self.meta_opt.zero_grad(set_to_none=True)
-        grads, loss, ok = self._meta_gradient([r.meta_loss for r in res])
+        grads, loss, ok = self.meta_gradient()
         grad_norm = math.nan
         if ok:
             for p, g in zip(self.net.parameters(), grads): p.grad = g
@@ -430,10 +611,7 @@ class MetaTrainer:
         self.meta_opt.zero_grad(set_to_none=True)
         record = {'step': self.step + 1, 'meta_loss': loss if ok else None,
                   'meta_grad_norm': grad_norm if ok else None, 'task_step': step, 'seconds': time.perf_counter() - t0}
-        for tr, r in zip(trs, res):
-            tr.params, tr.states = detach_state(r.params, r.states)
-            tr.step = r.step
-        if not ok or res[0].step >= cfg.trajectory: self.trajs = None   # diverged or done: fresh trajectories next time
+        if not ok: self.trajs = self.particles = None   # a non-finite meta-gradient norm: fresh trajectories next time
         self.step += 1
         return self._log(record)
 
@@ -488,18 +666,28 @@ class MetaTrainer:
         mine = None if self.trajs is None else [
             {'seeds': list(tr.seeds), 'params': to_device(tr.params, 'cpu'), 'states': to_device(tr.states, 'cpu'), 'step': tr.step,
              'consumed': [tr.batches.consumed, tr.meta_batches.consumed if tr.meta_batches else 0]} for tr in self.trajs]
+        if self.config.estimator != 'tbptt': return mine   # every process carries all instances
         shares = all_gather_objects(mine)
         return None if shares[0] is None else [t for share in shares for t in share]
 
+    def _estimator_state(self) -> dict:
+        "ES/PES: the perturbations' counter, and PES's particles of all pairs as CPU tensors in pair order (collective under torchrun)"
+        if self.config.estimator == 'tbptt': return {'draws': self.draws, 'particles': None}
+        mine = None if self.particles is None else [
+            {'pair': p['pair'], 'params': to_device(p['params'], 'cpu'), 'states': to_device(p['states'], 'cpu'), 'xi': p['xi'].cpu()}
+            for p in self.particles]
+        shares = all_gather_objects(mine) if self.config.estimator == 'pes' else [None]
+        return {'draws': self.draws, 'particles': None if shares[0] is None else [p for share in shares for p in share]}
+
     def state(self) -> dict:
         "The checkpoint dictionary: everything needed to continue exactly (collective under torchrun: every process calls it)"
-        trajs = self._trajectory_records()
+        trajs, estimator = self._trajectory_records(), self._estimator_state()
         task_config = getattr(self.task, 'config', None)
         return {'format': CHECKPOINT_FORMAT, 'version': CHECKPOINT_VERSION, 'kind': self.net.kind, 'net_config': self.net.config,
                 'net_state': to_device(self.net.state_dict(), 'cpu'), 'meta_config': self.config.to_dict(),
                 'meta_optimizer': to_device(self.meta_opt.state_dict(), 'cpu'), 'step': self.step,
                 'trajectory': trajs[0] if trajs is not None and len(trajs) == 1 else None, 'trajectories': trajs,
-                'trainer_rng': self.rng.getstate(), 'rng': _rng_states(),
+                'trainer_rng': self.rng.getstate(), 'rng': _rng_states(), 'estimator': estimator,
                 'best': self.best, 'history': self.history, 'task': json.loads(json.dumps(task_config, default=str))}
 
     def save(self, path=None) -> Path:
@@ -523,9 +711,18 @@ class MetaTrainer:
         trajs = ck.get('trajectories') or ([ck['trajectory']] if ck.get('trajectory') is not None else None)
         if trajs is not None and len(trajs) != self.config.tasks_per_step:
             raise ValueError(f"{path} holds {len(trajs)} trajectories but tasks_per_step is {self.config.tasks_per_step}")
-        mine = None if trajs is None else trajs[self.rank * self.local_tasks:(self.rank + 1) * self.local_tasks]
+        first = self.rank * self.local_tasks if self.config.estimator == 'tbptt' else 0
+        mine = None if trajs is None else trajs[first:first + self.local_tasks]
         self.trajs = None if mine is None else [self._start_trajectory(tuple(t['seeds']), t['params'], t['states'], t['step'], tuple(t['consumed']))
                                                 for t in mine]
+        est = ck.get('estimator') or {}
+        self.draws = est.get('draws', self.step)
+        particles = est.get('particles')
+        if self.config.estimator == 'pes' and self.trajs is not None:
+            if particles is None or len(particles) != self.pairs:
+                raise ValueError(f"{path} holds {0 if particles is None else len(particles)} PES particle pairs but tasks_per_step x perturbations is {self.pairs}")
+            self.particles = [{'pair': p['pair'], 'params': to_device(p['params'], self.device), 'states': to_device(p['states'], self.device),
+                               'xi': p['xi'].to(self.device)} for p in particles[self._my_pairs().start:self._my_pairs().stop]]
         if self.out_dir is not None and is_main():
             for stale in self.out_dir.glob('.*.pt.*.tmp'): stale.unlink(missing_ok=True)   # a write cut short by a kill
             if (self.out_dir / 'metrics.jsonl').exists():   # drop lines written after the checkpoint

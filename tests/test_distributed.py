@@ -76,6 +76,30 @@ def test_two_processes_equal_one_and_resume_on_another_world_size(tmp_path):
     assert len(metric_lines(tmp_path / 'mid' / 'metrics.jsonl')) == 6
 
 
+# PES on the same quadratics: 3 instances x 2 antithetic pairs = 6 pairs, 3 per process, so instance 1's pairs are split
+# between the processes; trajectories of 3 truncations
+PES_CONFIG = {**CONFIG, 'tasks_per_step': 3, 'estimator': 'pes', 'perturbations': 2, 'sigma': 0.05, 'trajectory': 9}
+
+
+def test_pes_two_processes_equal_one_and_resume_on_another_world_size(tmp_path):
+    "PES shares the antithetic pairs among the processes: 2 processes take the steps of 1, and a run goes on 2 -> 1 -> 2 processes"
+    whole = train(tmp_path, 1, tmp_path / 'whole', 8, config=PES_CONFIG)
+    two = train(tmp_path, 2, tmp_path / 'chain', 5, config=PES_CONFIG)   # mid-trajectory (truncation 2 of 3)
+    for a, b in zip(whole['history'], two['history']):   # the same meta-gradients (norms) and meta-losses step by step
+        assert a['meta_loss'] == pytest.approx(b['meta_loss'], rel=1e-5) and a['meta_grad_norm'] == pytest.approx(b['meta_grad_norm'], rel=1e-4)
+    assert len(two['trajectories']) == 3 and two['estimator']['draws'] == 5   # rank 0 carries and saves all instances
+    particles = two['estimator']['particles']   # gathered from both processes, in pair order, each its own state
+    assert [p['pair'] for p in particles] == list(range(6)) and len({float(p['xi'].abs().sum()) for p in particles}) == 6
+    train(tmp_path, 1, tmp_path / 'chain', 7, resume=True)   # 2 -> 1 process, mid-trajectory again
+    end = train(tmp_path, 2, tmp_path / 'chain', 8, resume=True)   # 1 -> 2 processes
+    assert_close_states(whole['net_state'], end['net_state'])
+    assert whole['estimator']['draws'] == end['estimator']['draws'] == 8
+    for a, b in zip(whole['estimator']['particles'], end['estimator']['particles']):
+        torch.testing.assert_close(a['xi'], b['xi'], rtol=1e-5, atol=1e-6)
+        for s in (0, 1): assert_close_states(a['params'][s], b['params'][s])
+    assert [r['meta_loss'] for r in metric_lines(tmp_path / 'chain' / 'metrics.jsonl')] == pytest.approx([r['meta_loss'] for r in whole['history']], rel=1e-5)
+
+
 def test_tasks_per_step_must_divide_among_processes(monkeypatch):
     monkeypatch.setattr(lgl2o.meta, 'world_size', lambda: 2)
     with pytest.raises(ValueError, match='tasks_per_step 3 must be a multiple of the 2 processes'):

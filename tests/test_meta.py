@@ -36,6 +36,14 @@ RESUME_CASES = {
     'stepsize-cosine-log-mean': (MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 5}, meta_steps=7, unroll=2, trajectory=5,
                                             objective='log_mean', lr=0.05, lr_schedule='cosine', eval_every=2, eval_instances=2,
                                             eval_split='train', seed=4), None),
+    # PES on an MLP family, train-by-validation (the particles replay both batch streams), 2 instances x 2 pairs, mid-trajectory
+    'pes-mlp-family-validation': (MetaConfig(net='mlp', meta_steps=7, unroll=3, trajectory=7, meta_split='test', seed=3, estimator='pes',
+                                             tasks_per_step=2, perturbations=2, sigma=0.05),
+                                  lambda: MLPFamily(data=spirals(n=96, n_test=32), widths=(4, 6), depths=(1, 2), batch_size=16)),
+    # ES with an LSTM on a quadratic family, evaluation and keep-best
+    'es-lstm-quadratic-eval': (MetaConfig(net='lstm', net_config={'hidden': 6}, task='quadratic_family', task_config={'dims': [4, 6]},
+                                          meta_steps=7, unroll=2, trajectory=5, eval_every=2, seed=5, estimator='es', perturbations=3,
+                                          sigma=0.01), None),
 }
 
 
@@ -63,6 +71,9 @@ def test_resume_equals_uninterrupted(case, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     if config.eval_every:
         assert (tmp_path / 'whole' / 'best.pt').exists() and whole.best == resumed.best
+    if config.estimator == 'pes':   # the checkpoint at meta-step 4 was mid-trajectory: it held every pair's particles
+        particles = read_checkpoint(tmp_path / 'part' / 'checkpoint.pt')['estimator']['particles']
+        assert [p['pair'] for p in particles] == list(range(4)) and all(p['xi'].abs().sum() > 0 for p in particles)
 
 
 def test_meta_train_resume_flag(tmp_path):
