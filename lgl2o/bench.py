@@ -509,19 +509,22 @@ def step_times(nets: dict,                      # pretrained nets by name
                fallback: str = 'adam',           # the guards' fallback, 'adam' or 'sgd'
                memory: bool = True               # also measure memory (two steps each, after the timing)
               ) -> pd.DataFrame:
-    "Median CPU and wall ms per step, peak and held MB, of Adam, each net alone and guarded, and the floor's parts, taking turns in blocks"
+    "CPU and wall ms per step (median over blocks of their mean), peak and held MB, of Adam, each net alone and guarded, and the floor's parts, taking turns in blocks"
     if block < 2: raise ValueError(f"block must be >= 2 (its first step is not timed), got {block}")
     name, task = (task, COST_TASKS[task]()) if isinstance(task, str) else (type(task).__name__, task)
     runners, held = _runners(task, nets, fallback, seed)
-    times = {k: ([], []) for k in runners}
+    times, timed = {k: ([], []) for k in runners}, dict.fromkeys(runners, 0)
     batches = {k: task.batches(seed) for k in runners}   # every row sees the same minibatches
     rotation = 0
-    while any(len(cpu) < steps for cpu, _ in times.values()):
+    while any(n < steps for n in timed.values()):
         for k, run in runners.items():
-            cpu_times, wall_times = times[k]
+            in_block = []
             for j in range(block):
                 cpu, wall = run(next(batches[k]), _timed)
-                if j > 0 and rotation * block + j >= warmup and len(cpu_times) < steps: cpu_times.append(cpu); wall_times.append(wall)
+                if j > 0 and rotation * block + j >= warmup and timed[k] < steps: in_block.append((cpu, wall)); timed[k] += 1
+            # a block's mean: a step that is sometimes dearer (a third forward) counts as often as it happens
+            if in_block:
+                for sample, mean in zip(times[k], np.mean(in_block, axis=0)): sample.append(mean)
         rotation += 1
     net_of = {c.name: c.net for c in _cost_plan(nets, fallback)}
     rows = [{'task': name, 'optimizer': k, 'net': net_of.get(k), 'cpu_ms_per_step': 1000 * float(np.median(c)), 'wall_ms_per_step': 1000 * float(np.median(w)),
