@@ -148,15 +148,39 @@ def _copied(v):
     if isinstance(v, Tensor): return v.clone()
     return v if isinstance(v, (int, float, bool, str, tuple, type(None))) else copy.deepcopy(v)
 
-def snapshot_optimizer(opt: Optimizer) -> tuple[dict, list]:
-    "Copies of `opt.state` and of its groups' values (some optimizers keep running values there) that its next `step` cannot change"
-    groups = [{k: _copied(v) for k, v in g.items() if k != 'params'} for g in opt.param_groups]
-    if getattr(opt, 'replaces_states', False): return {p: dict(s) for p, s in opt.state.items()}, groups   # no tensor copies needed
-    return {p: {k: _copied(v) for k, v in s.items()} for p, s in opt.state.items()}, groups
+def _own_attributes(opt: Optimizer) -> dict:
+    "What a wrapper optimizer (Lookahead, ...) keeps beside `state` and its groups: inner optimizers, tensors, lists of tensors, numbers"
+    out = {}
+    for k, v in vars(opt).items():
+        if k in ('state', 'param_groups', 'defaults') or _bound_to_the_object(k): continue
+        if isinstance(v, Optimizer): out[k] = ('optimizer', v, snapshot_optimizer(v))
+        elif isinstance(v, Tensor): out[k] = ('tensor', v, v.clone())
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(t, Tensor) for t in v): out[k] = ('tensors', v, (list(v), [t.clone() for t in v]))
+        elif isinstance(v, (int, float, bool, str, type(None))): out[k] = ('value', v, v)
+    return out
 
-def restore_optimizer(opt: Optimizer, snapshot: tuple[dict, list]):
+@torch.no_grad()
+def _put_back_attributes(opt: Optimizer, saved: dict):
+    for k, (kind, obj, value) in saved.items():
+        if kind == 'optimizer': restore_optimizer(obj, value)
+        elif kind == 'tensor': obj.copy_(value)
+        elif kind == 'tensors':
+            originals, values = value
+            for t, s in zip(originals, values): t.copy_(s)
+            if isinstance(obj, list): obj[:] = originals
+        setattr(opt, k, obj)
+
+def snapshot_optimizer(opt: Optimizer) -> tuple[dict, list, dict]:
+    "Copies of `opt.state`, of its groups' values (some optimizers keep running values there) and of a wrapper's own attributes, that its next `step` cannot change"
+    groups = [{k: _copied(v) for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+    if getattr(opt, 'replaces_states', False): states = {p: dict(s) for p, s in opt.state.items()}   # no tensor copies needed
+    else: states = {p: {k: _copied(v) for k, v in s.items()} for p, s in opt.state.items()}
+    return states, groups, _own_attributes(opt)
+
+def restore_optimizer(opt: Optimizer, snapshot: tuple[dict, list, dict]):
     "Put back what `snapshot_optimizer` copied"
-    states, groups = snapshot
+    states, groups, attributes = snapshot
+    _put_back_attributes(opt, attributes)   # first: an inner optimizer may share `state` with its wrapper
     opt.state.clear()
     opt.state.update(states)
     for g, saved in zip(opt.param_groups, groups): g.update(saved)

@@ -7,6 +7,7 @@ training loop is checked that way, and every failure inside a step must leave ev
 """
 import copy
 import functools
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -248,6 +249,40 @@ def test_an_optimizer_failing_inside_its_step_changes_nothing(which):
     before = everything(model, guard)
     with pytest.raises(Boom): guard.step(lambda: mse(model, batches[2]))
     assert_unchanged(before, everything(model, guard))
+
+
+class Lookahead(torch.optim.Optimizer):
+    "A wrapper optimizer as users bring them (Zhang et al., NeurIPS 2019): its state lives in the inner optimizer and in its own slow weights"
+    def __init__(self, inner, k=2, alpha=0.5):
+        self.inner, self.k, self.alpha, self.calls = inner, k, alpha, 0
+        self.param_groups, self.defaults, self.state = inner.param_groups, inner.defaults, inner.state
+        self.slow = [p.detach().clone() for g in inner.param_groups for p in g['params']]
+        for kind in ('step_pre', 'step_post', 'state_dict_pre', 'state_dict_post', 'load_state_dict_pre', 'load_state_dict_post'):
+            setattr(self, f'_optimizer_{kind}_hooks', OrderedDict())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.inner.step()
+        self.calls += 1
+        if self.calls % self.k == 0:
+            for s, p in zip(self.slow, (p for g in self.param_groups for p in g['params'])):
+                s.add_(p - s, alpha=self.alpha); p.copy_(s)
+
+
+def test_a_wrapper_optimizers_inner_state_is_restored_when_a_step_fails():
+    "A failed step puts back what a wrapper optimizer keeps beside `state`: its inner optimizer's state and its own attributes"
+    model = small_net()
+    learned = FailingAfter(model.parameters(), lr=0.1, momentum=0.9)
+    guard = LossGuard(learned, Lookahead(torch.optim.Adam(model.parameters(), lr=0.01)))
+    batches = regression_batches(4)
+    for b in batches[:3]: guard.step(lambda: mse(model, b))
+    learned.fail = True   # after the fallback's step: the wrapper has moved its inner Adam, its counter and maybe its slow weights
+    before = everything(model, guard), copy.deepcopy(guard.fallback.inner.state_dict()), guard.fallback.calls, [s.clone() for s in guard.fallback.slow]
+    with pytest.raises(Boom): guard.step(lambda: mse(model, batches[3]))
+    assert_unchanged(before[0], everything(model, guard))
+    assert_same_state(before[1]['state'], guard.fallback.inner.state_dict()['state'])
+    assert guard.fallback.calls == before[2]
+    assert_same_tensors(before[3], guard.fallback.slow)
 
 
 def test_a_failed_check_after_the_proposals_restores_both_optimizers_states():
