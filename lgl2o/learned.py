@@ -340,19 +340,21 @@ class CeloNet(LearnedNet):
                  layers: int = 2,                       # number of hidden layers
                  decays: tuple = (0.9, 0.5, 0.99),      # momentum decays; the first is the base direction's (Adam's beta1)
                  beta2: float = 0.999,                  # decay of the second moment
-                 lr: float = 0.01,                      # RMS of a matrix's update
-                 lr_1d: float = 0.01,                   # Adam learning rate of vectors and scalars (biases)
+                 lr: float = 0.003,                     # RMS of a matrix's update
+                 lr_1d: float = 0.003,                  # Adam learning rate of vectors and scalars (biases)
                  timescales: tuple = (10, 100, 1000),   # the learned step-size schedule is a function of tanh(t / tau)
+                 schedule_mult: float = 10.0,           # the schedule's weights act multiplied by this: meta-training moves them faster than the MLP's
                  ns_steps: int = 5,                     # Newton-Schulz iterations
                  eps: float = 1e-8):                    # Adam's epsilon
         decays, timescales = tuple(float(d) for d in decays), tuple(float(t) for t in timescales)
         if not decays or not all(0 <= d < 1 for d in decays) or not 0 <= beta2 < 1:
             raise ValueError(f"decays and beta2 must lie in [0, 1), got {decays} and {beta2}")
         if hidden < 1 or layers < 1 or ns_steps < 0: raise ValueError(f"need hidden, layers >= 1 and ns_steps >= 0, got {hidden}, {layers}, {ns_steps}")
-        if not (lr > 0 and lr_1d > 0 and eps > 0): raise ValueError(f"lr, lr_1d and eps must be > 0, got {lr}, {lr_1d}, {eps}")
+        if not (lr > 0 and lr_1d > 0 and eps > 0 and schedule_mult > 0):
+            raise ValueError(f"lr, lr_1d, schedule_mult and eps must be > 0, got {lr}, {lr_1d}, {schedule_mult}, {eps}")
         if not all(t > 0 for t in timescales): raise ValueError(f"timescales must be > 0, got {timescales}")
         super().__init__(hidden=hidden, layers=layers, decays=list(decays), beta2=beta2, lr=lr, lr_1d=lr_1d,
-                         timescales=list(timescales), ns_steps=ns_steps, eps=eps)
+                         timescales=list(timescales), schedule_mult=schedule_mult, ns_steps=ns_steps, eps=eps)
         self.register_buffer('decays', torch.tensor(decays), persistent=False)
         self.register_buffer('timescales', torch.tensor(timescales), persistent=False)
         self.n_features = len(decays) + 1   # the gradient and the momenta
@@ -367,9 +369,9 @@ class CeloNet(LearnedNet):
         return [{'m': p.new_zeros(len(self.decays), p.numel()), 'v': p.new_zeros(p.numel())} for p in params]
 
     def step_scales(self, step: int) -> Tensor:
-        "The learned multipliers exp(b + sum_i w_i tanh(t / tau_i)) of the matrices' and the other tensors' step sizes at `step`"
+        "The learned multipliers exp(k (b + sum_i w_i tanh(t / tau_i))), k = `schedule_mult`, of the matrices' and the other tensors' step sizes at `step`"
         embed = torch.cat([self.timescales.new_ones(1), torch.tanh(float(step) / self.timescales)])
-        return torch.exp((self.log_lr @ embed).clamp(-20.0, 20.0))
+        return torch.exp((self.config['schedule_mult'] * (self.log_lr @ embed)).clamp(-20.0, 20.0))
 
     def direction(self, x: Tensor) -> Tensor:
         "The direction [N] of every coordinate from its features `x` [F, N]: the base direction (row 1) plus the MLP's output"
