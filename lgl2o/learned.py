@@ -391,17 +391,16 @@ class CeloNet(LearnedNet):
         m = torch.addcmul(cat_views([s['m'] for s in states], 1) * self.decays[:, None], 1 - self.decays[:, None], g[None])   # beta m + (1 - beta) g
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         rs = torch.rsqrt(v * (1 / (1 - cfg['beta2'] ** t)) + cfg['eps'] ** 2)     # Adam's 1 / (sqrt(v_hat) + eps), nearly
-        unbias = torch.cat([self.decays.new_ones(1), (1 - self.decays ** t).reciprocal()])[:, None]
+        unbias = g.new_tensor([1.0] + [1 / (1 - d ** t) for d in cfg['decays']])[:, None]   # constants: no graph, one op
         x = torch.cat([g[None], m]) * rs * unbias    # features: the gradient and the bias-corrected momenta in Adam's units
         matrix = [q.ndim >= 2 for q in params]
         d = (self.direction(x) if any(matrix) else x[1]).split(sizes)
-        scales, new = self.step_scales(step), []
+        lr, new = self.step_scales(step) * g.new_tensor([cfg['lr'], cfg['lr_1d']]), []
         for q, di, adam, is_matrix in zip(params, d, x[1].split(sizes), matrix):
-            if is_matrix:
+            if is_matrix:   # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
                 di = di.view(q.shape[0], -1)
-                rms = cfg['lr'] * math.sqrt(max(di.shape))        # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n))
-                new.append(q - newton_schulz(di, cfg['ns_steps']).view(q.shape) * (rms * scales[0]))
-            else: new.append(q - adam.view(q.shape) * (cfg['lr_1d'] * scales[1]))
+                new.append(torch.addcmul(q, newton_schulz(di, cfg['ns_steps']).view(q.shape), lr[0], value=-math.sqrt(max(di.shape))))
+            else: new.append(torch.addcmul(q, adam.view(q.shape), lr[1], value=-1.0))
         return new, [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
 
 
