@@ -340,9 +340,10 @@ class CeloNet(LearnedNet):
                  layers: int = 2,                       # number of hidden layers
                  decays: tuple = (0.9, 0.5, 0.99),      # momentum decays; the first is the base direction's (Adam's beta1)
                  beta2: float = 0.999,                  # decay of the second moment
-                 lr: float = 0.003,                     # RMS of a matrix's update
-                 lr_1d: float = 0.003,                  # Adam learning rate of vectors and scalars (biases)
+                 lr: float = 0.006,                     # RMS of a matrix's update at step 0
+                 lr_1d: float = 0.006,                  # Adam learning rate of vectors and scalars (biases) at step 0
                  timescales: tuple = (10, 100, 1000),   # the learned step-size schedule is a function of tanh(t / tau)
+                 decay: float = 2.0,                    # the untrained schedule: exp(-decay tanh(t / tau_last)), 0.22 at t = tau_last
                  schedule_mult: float = 10.0,           # the schedule's weights act multiplied by this: meta-training moves them faster than the MLP's
                  ns_steps: int = 5,                     # Newton-Schulz iterations
                  eps: float = 1e-8):                    # Adam's epsilon
@@ -354,7 +355,7 @@ class CeloNet(LearnedNet):
             raise ValueError(f"lr, lr_1d, schedule_mult and eps must be > 0, got {lr}, {lr_1d}, {schedule_mult}, {eps}")
         if not all(t > 0 for t in timescales): raise ValueError(f"timescales must be > 0, got {timescales}")
         super().__init__(hidden=hidden, layers=layers, decays=list(decays), beta2=beta2, lr=lr, lr_1d=lr_1d,
-                         timescales=list(timescales), schedule_mult=schedule_mult, ns_steps=ns_steps, eps=eps)
+                         timescales=list(timescales), decay=decay, schedule_mult=schedule_mult, ns_steps=ns_steps, eps=eps)
         self.register_buffer('decays', torch.tensor(decays), persistent=False)
         self.register_buffer('timescales', torch.tensor(timescales), persistent=False)
         self.n_features = len(decays) + 1   # the gradient and the momenta
@@ -364,6 +365,8 @@ class CeloNet(LearnedNet):
         nn.init.zeros_(self.output.weight); nn.init.zeros_(self.output.bias)   # untrained: exactly the base direction
         # log step-size multipliers of matrices (row 0) and of other tensors (row 1): bias, then one weight per timescale
         self.log_lr = nn.Parameter(torch.zeros(2, len(timescales) + 1))
+        if timescales:
+            with torch.no_grad(): self.log_lr[:, -1] = -decay / schedule_mult
 
     def init_state(self, params):
         return [{'m': p.new_zeros(len(self.decays), p.numel()), 'v': p.new_zeros(p.numel())} for p in params]
