@@ -28,12 +28,13 @@ from .tasks import MLPTask, QuadraticTask, Task, mnist_cnn, mnist_mlp, mnist_sub
 
 # %% auto #0
 __all__ = ['KINDS', 'FALLBACKS', 'RULES', 'SHADOW_TOLERANCE', 'LR_GRID', 'TUNING_SEED', 'DEFAULT_NETS', 'DASHES',
-           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TASKS', 'FORWARD', 'FLOOR', 'COST_TARGETS', 'Contender',
-           'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr', 'tuned_lrs', 'BenchmarkResult',
-           'run_benchmark', 'summarize', 'guard_verdicts', 'verdict_note', 'fallback_verdicts', 'rule_scorecard',
-           'fallback_note', 'optimizer_names', 'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses',
-           'plot_choices', 'allocated_bytes', 'PeakMemory', 'step_times', 'cost_table', 'cost_ratios', 'ratio_lines',
-           'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy']
+           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TASKS', 'FORWARD', 'FLOOR', 'COST_TARGETS', 'SPEEDUP_GRID',
+           'Contender', 'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr', 'tuned_lrs',
+           'BenchmarkResult', 'run_benchmark', 'summarize', 'guard_verdicts', 'verdict_note', 'fallback_verdicts',
+           'rule_scorecard', 'fallback_note', 'optimizer_names', 'optimizer_palette', 'optimizer_dashes',
+           'scenario_order', 'plot_losses', 'plot_choices', 'allocated_bytes', 'PeakMemory', 'step_times', 'cost_table',
+           'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy',
+           'train_loss_curve', 'speedup_over_adam']
 
 # %% ../nbs/05_bench.ipynb #adf8c034
 KINDS = ('sgd', 'adam', 'learned', 'lgl2o', 'gl2o')
@@ -690,3 +691,57 @@ def gl2o_anatomy(task: Task,             # an MLP task (the hidden slope needs s
     out['train_gl2o'] = [r[f"train_{r['choice']}"] for _, r in out.iterrows()]
     out['slope_gl2o'] = [r[f"slope_{r['choice']}"] for _, r in out.iterrows()]
     return out
+
+# %% ../nbs/05_bench.ipynb #fe39ec37
+SPEEDUP_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 3))   # Adam learning rates 1e-4 .. 10, half a decade apart
+
+def train_loss_curve(task: Task,                 # what to optimize
+                     make_optimizer: Callable,   # parameters -> a torch.optim optimizer
+                     steps: int,                 # optimizer steps
+                     seed: int,                  # initial weights and minibatch order
+                     eval_every: int = 10,       # evaluate the full training split every this many steps (and at the last)
+                     target: float = -math.inf,  # stop at the first evaluation whose loss is at most this
+                    ) -> list[tuple[int, float]]:
+    "(step, full training loss above the task's minimum) at step 0, every `eval_every` steps and the last; a divergence ends it with inf"
+    model = task.init(seed)
+    opt, batches, floor = make_optimizer(list(model.parameters())), task.batches(seed), getattr(task, 'optimum', 0.0)
+    curve = [(0, task.evaluate(model, 'train')['loss'] - floor)]
+    for t in range(1, steps + 1):
+        try: loss = opt.step(task.closure(model, next(batches), opt)).item()
+        except FloatingPointError: loss = math.nan   # a learned optimizer refuses a non-finite gradient
+        if not math.isfinite(loss): return curve + [(t, math.inf)]
+        if t % eval_every == 0 or t == steps:
+            curve.append((t, task.evaluate(model, 'train')['loss'] - floor))
+            if not math.isfinite(curve[-1][1]): return curve[:-1] + [(t, math.inf)]
+            if curve[-1][1] <= target: break
+    return curve
+
+def speedup_over_adam(task: Task,                # what both optimize
+                      make_optimizer: Callable,  # parameters -> the optimizer to measure (e.g. a LearnedOptimizer over a net)
+                      steps: int,                # its horizon
+                      seeds: list[int] = (0,),   # weights and minibatch orders, each shared by the optimizer and Adam
+                      grid: list[float] = SPEEDUP_GRID,  # Adam's learning rates
+                      horizon: float = 2.0,      # Adam runs at most horizon x steps: larger speed-ups are reported as `horizon`
+                      eval_every: int = 10,      # full training-loss evaluations every this many steps
+                     ) -> dict:
+    """Speed-up over tuned Adam: the fewest steps Adam, at the best learning rate of `grid`, needs to bring the training
+    loss down to the optimizer's final training loss, divided by the optimizer's `steps`. Per seed, and their geometric
+    mean ('speedup'); 0 for an optimizer that diverged, `horizon` where no learning rate got there in horizon x steps"""
+    if steps < 1 or horizon < 1: raise ValueError(f"need steps >= 1 and horizon >= 1, got {steps} and {horizon}")
+    long, runs = max(steps, int(round(horizon * steps))), []
+    for seed in seeds:
+        final = train_loss_curve(task, make_optimizer, steps, seed, eval_every)[-1]
+        row = {'seed': seed, 'final_loss': final[1], 'adam_steps': None, 'adam_lr': None}
+        if final[0] == steps and math.isfinite(final[1]):
+            for lr in grid:   # the best learning rate is the one that gets there first; each run stops when it does
+                curve = train_loss_curve(task, lambda ps: torch.optim.Adam(ps, lr=lr), long, seed, eval_every, final[1])
+                if curve[-1][1] <= final[1] and (row['adam_steps'] is None or curve[-1][0] < row['adam_steps']):
+                    row['adam_steps'], row['adam_lr'] = curve[-1][0], lr
+        else: row['final_loss'] = math.inf
+        row['speedup'] = 0.0 if row['final_loss'] == math.inf else (row['adam_steps'] or long) / steps
+        row['capped'] = row['final_loss'] < math.inf and row['adam_steps'] is None
+        runs.append(row)
+    speeds = [r['speedup'] for r in runs]
+    mean = math.exp(sum(math.log(s) for s in speeds) / len(speeds)) if all(s > 0 for s in speeds) else 0.0
+    return {'speedup': mean, 'steps': steps, 'horizon': long, 'runs': runs}
+

@@ -569,6 +569,7 @@ class MLPFamily(TaskFamily):
     depths: tuple = (1,)               # numbers of hidden layers to choose from
     activations: tuple = ('sigmoid',)  # activations to choose from
     batch_size: int = 128
+    batch_sizes: tuple = ()            # batch sizes to choose from; () keeps batch_size
 
     def __post_init__(self):
         if self.data is None: self.data = mnist_subset()
@@ -576,7 +577,9 @@ class MLPFamily(TaskFamily):
     def sample(self, seed):
         rng = random.Random(seed)
         hidden = (rng.choice(self.widths),) * rng.choice(self.depths)
-        return MLPTask(data=self.data, hidden=hidden, activation=rng.choice(self.activations), batch_size=self.batch_size)
+        activation = rng.choice(self.activations)
+        batch_size = rng.choice(self.batch_sizes) if self.batch_sizes else self.batch_size
+        return MLPTask(data=self.data, hidden=hidden, activation=activation, batch_size=batch_size)
 
 # %% ../nbs/00_tasks.ipynb #315546d9
 def demo_tasks() -> dict:

@@ -230,7 +230,7 @@ def gradient_sequences(draw):
     return theta, seq
 
 
-@pytest.mark.parametrize('net', [*KINDS, 'lstm-mnist', 'mlp-mnist', 'nominal-mnist'])
+@pytest.mark.parametrize('net', [*KINDS, 'lstm-mnist', 'mlp-mnist', 'nominal-mnist', 'celo-mlpfamily'])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=gradient_sequences())
 def test_finite_gradients_give_finite_updates(net, case):

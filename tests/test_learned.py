@@ -40,6 +40,7 @@ def test_learned_notebook_results(run_notebook):
     # loose bounds (the CPU is shared): the step-size net costs about one Adam step, the MLP a few
     assert res['ratio_to_adam']['stepsize'] < 3
     assert res['ratio_to_adam']['mlp'] < 10
+    assert res['ratio_to_adam']['celo'] < 10
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -143,7 +144,7 @@ def test_per_tensor_stepsize_skips_by_index():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"unknown learned optimizer 'sgd'; use one of \['lstm', 'mlp', 'nominal', 'stepsize'\]"):
+    with pytest.raises(ValueError, match=r"unknown learned optimizer 'sgd'; use one of \['lstm', 'mlp', 'nominal', 'stepsize', 'celo'\]"):
         build_net('sgd')
     with pytest.raises(ValueError, match=r"'mlp' net has no option \['width'\]"):
         build_net('mlp', width=3)

@@ -90,3 +90,13 @@ def test_step_size_claims_table(run_notebook):
     assert len(claims) == 9 and all(c['match'] == 'yes' for c in claims[:7]), [c['match'] for c in claims]
     assert len(r['mnist']) == 6
     assert all(math.isfinite(v['test_loss']) and 0 <= v['test_accuracy'] <= 1 for v in r['mnist'].values())
+
+
+def test_celo2_claims(run_notebook):
+    "The Celo2-style net: its cost is measured, every speed-up is computed and none of its runs diverges"
+    _, r = run_notebook(NBS / 'papers' / 'celo2.ipynb')
+    claims = list(_claims(r).values())
+    assert len(claims) == 4 and claims[0]['match'] == 'yes'
+    assert 0 < r['cost_ratio'] < 10
+    assert r['in_distribution'] and all(x['speedup'] > 0 and math.isfinite(x['final_loss']) for x in r['in_distribution'])
+    assert r['scenarios'] and all(s['diverged'] == 0 and s['speedup'] > 0 for s in r['scenarios'])

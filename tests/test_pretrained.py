@@ -20,7 +20,7 @@ from lgl2o.pretrained import (load_net, load_pretrained, pretrained_config, pret
                               pretrained_names, save_net)
 from lgl2o.tasks import mnist_mlp
 
-SHIPPED = ['lstm-mnist', 'mlp-mnist', 'nominal-mnist']
+SHIPPED = ['lstm-mnist', 'mlp-mnist', 'nominal-mnist', 'celo-mlpfamily']
 
 
 def test_names():
@@ -105,9 +105,9 @@ def test_info_says_how_to_regenerate(name):
     assert (ROOT / 'lgl2o' / 'pretrained' / f'{name}.pt').stat().st_size < 500_000
 
 
-def test_regenerate_command_reproduces_the_first_meta_steps(tmp_path):
+@pytest.mark.parametrize('name', ['mlp-mnist', 'celo-mlpfamily'])
+def test_regenerate_command_reproduces_the_first_meta_steps(tmp_path, name):
     "The recorded command, cut to 3 meta-steps, retraces the shipped run's log"
-    name = 'mlp-mnist'
     code = train_main(['--config', str(ROOT / 'lgl2o' / 'pretrained' / f'{name}.json'), '--out', str(tmp_path), '--meta-steps', '3', '--quiet'])
     assert code == 0
     ours = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
