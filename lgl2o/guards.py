@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import warnings
@@ -148,13 +149,16 @@ def _copied(v):
     if isinstance(v, Tensor): return v.clone()
     return v if isinstance(v, (int, float, bool, str, tuple, type(None))) else copy.deepcopy(v)
 
-_EVERY_OPTIMIZER = frozenset(vars(torch.optim.SGD([torch.zeros(1, requires_grad=True)])))   # what torch.optim.Optimizer itself sets
+@functools.cache
+def _every_optimizers() -> frozenset:
+    "The attributes torch.optim.Optimizer itself sets on an instance"
+    return frozenset(vars(torch.optim.SGD([torch.zeros(1, requires_grad=True)])))
 
 def _own_attributes(opt: Optimizer) -> dict:
     "What a wrapper optimizer (Lookahead, ...) keeps beside `state` and its groups: inner optimizers, tensors, lists of tensors, numbers"
     out = {}
     for k, v in vars(opt).items():
-        if k in _EVERY_OPTIMIZER or _bound_to_the_object(k): continue
+        if k in _every_optimizers() or _bound_to_the_object(k): continue
         if isinstance(v, Optimizer): out[k] = ('optimizer', v, snapshot_optimizer(v))
         elif isinstance(v, Tensor): out[k] = ('tensor', v, v.clone())
         elif isinstance(v, (list, tuple)) and v and all(isinstance(t, Tensor) for t in v): out[k] = ('tensors', v, (list(v), [t.clone() for t in v]))
