@@ -149,6 +149,12 @@ def _copied(v):
     if isinstance(v, Tensor): return v.clone()
     return v if isinstance(v, (int, float, bool, str, tuple, type(None))) else copy.deepcopy(v)
 
+def _is_hooks(name: str) -> bool: return name.startswith('_optimizer_') and name.endswith('_hooks')
+
+def _bound_to_the_object(name: str) -> bool:
+    "Attributes an optimizer object carries that are not its optimization state: an LR scheduler's wrapper of `step`, the user's hooks"
+    return name == 'step' or _is_hooks(name)
+
 @functools.cache
 def _every_optimizers() -> frozenset:
     "The attributes torch.optim.Optimizer itself sets on an instance"
@@ -333,12 +339,6 @@ class PairedForwards:
 def _check_fraction(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
-
-def _is_hooks(name: str) -> bool: return name.startswith('_optimizer_') and name.endswith('_hooks')
-
-def _bound_to_the_object(name: str) -> bool:
-    "Attributes an optimizer object carries that are not its optimization state: an LR scheduler's wrapper of `step`, the user's hooks"
-    return name == 'step' or _is_hooks(name)
 
 def _copy_onto(opt: Optimizer, memo: dict) -> Optimizer:
     "A copy of `opt` (state, hyper-parameters, its subclass's attributes) over other tensors; `memo` maps id(parameter) to its tensor"
