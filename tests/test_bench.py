@@ -6,9 +6,12 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import NBS
-from lgl2o.bench import (DEFAULT_NETS, LR_GRID, Contender, guard_verdicts, markdown_table, ratio_lines, run_benchmark, scenarios,
+from lgl2o import LossGuard
+from lgl2o.tasks import mnist_cnn
+from lgl2o.bench import (DEFAULT_NETS, PeakMemory, LR_GRID, Contender, guard_verdicts, markdown_table, ratio_lines, run_benchmark, scenarios,
                          summarize, tune_lr, write_report)
 
 
@@ -53,7 +56,8 @@ def test_cost_figures_are_printed(run_notebook):
     for task in ('mnist-mlp', 'mnist-cnn'):
         assert {f'LGL2O/unguarded (lstm-mnist, {task})', f'floor/unguarded (lstm-mnist, {task})', f'LGL2O extra/floor extra (lstm-mnist, {task})',
                 f'LGL2O shadow/paper rule (lstm-mnist, {task})', f'lstm-mnist/Adam ({task})'} <= set(r['ratios'])
-    assert all(v > 0 for v in r['ratios'].values())
+    # times over times are positive; a difference over a difference (the extra over the floor's) may be noise-signed in a short run
+    assert all(v > 0 for k, v in r['ratios'].items() if 'extra' not in k) and all(math.isfinite(v) for v in r['ratios'].values())
     table = pd.DataFrame(r['times']).set_index(['task', 'optimizer'])
     nets = [n for n in DEFAULT_NETS if ('mnist-cnn', n) in table.index]
     assert nets
@@ -61,7 +65,22 @@ def test_cost_figures_are_printed(run_notebook):
         floor = table.loc[('mnist-cnn', f'floor({n})'), 'cpu_ms_per_step']
         assert floor > table.loc[('mnist-cnn', n), 'cpu_ms_per_step']
         both, one = (table.loc[('mnist-cnn', f'LGL2O({n}, Adam{graphs})'), 'peak_mb'] for graphs in ('', ', one graph'))
-        assert both > one + 0.5 * table.loc[('mnist-cnn', 'forward (no graph)'), 'peak_mb']   # the activations of a second forward
+        assert both >= one - 0.1   # a second graph never lowers the peak (where the LSTM's own update makes it, it does not show)
+
+
+def test_keeping_both_graphs_holds_a_second_forwards_activations():
+    "Measured by PeakMemory on the CNN with optimizers whose own temporaries are small: the price of never needing a third forward"
+    task, peaks = mnist_cnn(), {}
+    batch = next(task.batches(0))
+    for both in (True, False):
+        model = task.init(0)
+        guard = LossGuard(torch.optim.SGD(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.02), keep_both_graphs=both)
+        guard.step(lambda: task.loss(model, batch))   # the first step has nothing to resolve
+        with PeakMemory() as pm: guard.step(lambda: task.loss(model, batch))
+        peaks[both] = pm.peak
+    model = task.init(0)
+    with PeakMemory() as forward, torch.no_grad(): task.loss(model, batch)
+    assert peaks[True] > peaks[False] + 0.5 * forward.peak
 
 
 def test_same_seeds_same_table():
