@@ -50,7 +50,7 @@ class Contender:
     fallback: str | None = None  # 'sgd' or 'adam' (lgl2o, gl2o)
     compare: str = 'next'     # the guard's comparison batch: 'next' (fresh data) or 'same'
     rule: str = 'paper'       # one of RULES (guards only)
-    keep_both_graphs: bool = True  # LossGuard: keep both candidates' graphs (False: a third forward when the provisional one loses)
+    keep_both_graphs: bool = False  # LossGuard: keep both candidates' graphs (never a third forward; twice the activations)
 
     def __post_init__(self):
         if self.kind not in KINDS: raise ValueError(f"unknown contender kind {self.kind!r}; use one of {list(KINDS)}")
@@ -59,7 +59,7 @@ class Contender:
             raise ValueError(f"a {self.kind} contender needs fallback 'sgd' or 'adam', got {self.fallback!r}")
         if self.rule not in RULES: raise ValueError(f"unknown rule {self.rule!r}; use one of {list(RULES)}")
         if self.rule != 'paper' and not self.guarded: raise ValueError(f"rule {self.rule!r} is a guard's: {self.kind} has none")
-        if not self.keep_both_graphs and self.kind != 'lgl2o': raise ValueError(f"keep_both_graphs is LossGuard's option: {self.kind} has none")
+        if self.keep_both_graphs and self.kind != 'lgl2o': raise ValueError(f"keep_both_graphs is LossGuard's option: {self.kind} has none")
 
     @property
     def name(self) -> str:
@@ -67,7 +67,7 @@ class Contender:
         if self.kind == 'learned': return self.net
         same = ', same batch' if self.compare == 'same' else ''
         shadow = ', shadow' if self.rule == 'shadow' else ''
-        graphs = '' if self.keep_both_graphs else ', one graph'
+        graphs = ', both graphs' if self.keep_both_graphs else ''
         return f"{self.kind.upper()}({self.net}, {self.fallback.upper() if self.fallback == 'sgd' else 'Adam'}{same}{shadow}{graphs})"
 
     @property
@@ -466,8 +466,8 @@ def _peak(fn: Callable) -> float:
     return pm.peak
 
 def _cost_plan(nets: dict, fallback: str) -> list[Contender]:
-    "Adam; for each net: alone, LossGuard with both graphs, with one, with the shadow rule, and GradientGuard"
-    per_net = lambda n: [Contender('learned', n), Contender('lgl2o', n, fallback), Contender('lgl2o', n, fallback, keep_both_graphs=False),
+    "Adam; for each net: alone, LossGuard with one graph, with both, with the shadow rule, and GradientGuard"
+    per_net = lambda n: [Contender('learned', n), Contender('lgl2o', n, fallback), Contender('lgl2o', n, fallback, keep_both_graphs=True),
                          Contender('lgl2o', n, fallback, rule='shadow'), Contender('gl2o', n, fallback)]
     return [Contender('adam')] + [c for n in nets for c in per_net(n)]
 
@@ -558,7 +558,7 @@ def cost_table(times: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 def cost_ratios(times: pd.DataFrame) -> dict:
-    "CPU-time ratios, per task: each guard over its net alone, the floor, LossGuard's extra over the floor's, one graph over both, shadow over paper, each net over Adam"
+    "CPU-time ratios, per task: each guard over its net alone, the floor, LossGuard's extra over the floor's, both graphs over one, shadow over paper, each net over Adam"
     out = {}
     for task, t in times.groupby('task', sort=False):
         ms = t.set_index('optimizer')['cpu_ms_per_step']
@@ -567,7 +567,7 @@ def cost_ratios(times: pd.DataFrame) -> dict:
             lg, at = ms[f'LGL2O({n}, {f})'], f'({n}, {task})'
             out |= {f'LGL2O/unguarded {at}': lg / ms[n], f'floor/unguarded {at}': (ms[n] + extra) / ms[n],
                     f'LGL2O extra/floor extra {at}': (lg - ms[n]) / extra,
-                    f'LGL2O one graph/both graphs {at}': ms[f'LGL2O({n}, {f}, one graph)'] / lg,
+                    f'LGL2O both graphs/one graph {at}': ms[f'LGL2O({n}, {f}, both graphs)'] / lg,
                     f'LGL2O shadow/paper rule {at}': ms[f'LGL2O({n}, {f}, shadow)'] / lg,
                     f'GL2O/unguarded {at}': ms[f'GL2O({n}, {f})'] / ms[n], f'{n}/Adam ({task})': ms[n] / ms['Adam']}
     return out

@@ -890,7 +890,7 @@ _BACKWARD_INSIDE = ("the closure called backward() or zero_grad() itself: return
 class LossGuard(Guard):
     "LGL2O: keep the candidate with the lower loss on data the gradient did not see (by default the next minibatch)"
     def __init__(self, learned: Optimizer, fallback: Optimizer, *args,
-                 keep_both_graphs: bool = True,  # compare='next': keep both candidates' graphs, so the winner's backward needs no third forward (activations of two forwards at once)
+                 keep_both_graphs: bool = False,  # compare='next': keep the first candidate's graph too, so no step needs a third forward (two forwards' activations alive at once)
                  **kwargs):
         super().__init__(learned, fallback, *args, **kwargs)
         self.keep_both_graphs = bool(keep_both_graphs)

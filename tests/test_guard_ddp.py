@@ -32,9 +32,9 @@ def main(folder):
             'LossGuard(lstm-mnist, Adam)': (LossGuard, lstm, adam), 'GradientGuard(Adam, SGD)': (GradientGuard, adam, sgd),
             'LossGuard(SGD, SGD, shadow)': (LossGuard, sgd, sgd, dict(shadow=0.02)),
             'LossGuard(lstm-mnist, Adam, shadow)': (LossGuard, lstm, adam, dict(shadow=0.0)),
-            'LossGuard(Adam, SGD, one graph)': (LossGuard, adam, sgd, dict(keep_both_graphs=False)),
+            'LossGuard(Adam, SGD, both graphs)': (LossGuard, adam, sgd, dict(keep_both_graphs=True)),
             'LossGuard(Adam, SGD, unused search)': (LossGuard, adam, sgd, dict(find_unused_parameters=True)),
-            'LossGuard(Adam, SGD, unused search, one graph)': (LossGuard, adam, sgd, dict(find_unused_parameters=True, keep_both_graphs=False))}
+            'LossGuard(Adam, SGD, unused search, both graphs)': (LossGuard, adam, sgd, dict(find_unused_parameters=True, keep_both_graphs=True))}
     out = {}
     for name, spec in runs.items():
         torch.manual_seed(2 + rank)   # different dropout masks on each process, as in real data-parallel training
@@ -75,7 +75,8 @@ def max_difference(a: list, b: list) -> float:
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize('run', ['plain SGD', 'LossGuard(SGD, SGD)', 'LossGuard(Adam, SGD)', 'LossGuard(lstm-mnist, Adam)',
                                  'GradientGuard(Adam, SGD)', 'LossGuard(SGD, SGD, shadow)', 'LossGuard(lstm-mnist, Adam, shadow)',
-                                 'LossGuard(Adam, SGD, one graph)', 'LossGuard(Adam, SGD, unused search)'])
+                                 'LossGuard(Adam, SGD, both graphs)', 'LossGuard(Adam, SGD, unused search)',
+                                 'LossGuard(Adam, SGD, unused search, both graphs)'])
 def test_replicas_stay_bit_identical(ranks, run):
     r0, r1 = ranks[0][run], ranks[1][run]
     assert r0['params'] == r1['params'], max_difference(r0['params'], r1['params'])
@@ -97,10 +98,10 @@ def test_a_guard_over_one_optimizer_twice_is_plain_ddp(ranks):
 def test_the_other_candidates_kept_graph_is_a_third_forward_under_ddp(ranks):
     "Backpropagating the kept graph of the candidate evaluated first gives the replicas what a third forward gives them"
     for r in ranks:
-        for both, one in [('LossGuard(Adam, SGD)', 'LossGuard(Adam, SGD, one graph)'),
-                          ('LossGuard(Adam, SGD, unused search)', 'LossGuard(Adam, SGD, unused search, one graph)')]:
+        for one, both in [('LossGuard(Adam, SGD)', 'LossGuard(Adam, SGD, both graphs)'),
+                          ('LossGuard(Adam, SGD, unused search)', 'LossGuard(Adam, SGD, unused search, both graphs)')]:
             assert r[both]['params'] == r[one]['params'] and r[both]['buffers'] == r[one]['buffers']
             assert r[one]['counts']['third forwards'] > 0   # the path was taken
-        assert r['LossGuard(Adam, SGD)']['counts']['third forwards'] == 0
+        assert r['LossGuard(Adam, SGD, both graphs)']['counts']['third forwards'] == 0
         # DDP's search for unused parameters notes the last forward's graph: the guard evaluates the winner again
-        assert r['LossGuard(Adam, SGD, unused search)']['counts']['third forwards'] > 0
+        assert r['LossGuard(Adam, SGD, unused search, both graphs)']['counts']['third forwards'] > 0

@@ -368,12 +368,13 @@ def _evaluations(guard):
 
 def test_evaluation_counts():
     sgd = lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr)
-    lg = _evaluations(lambda m: LossGuard(sgd(m, 2.0), sgd(m, 0.5), record=True))
+    lg = _evaluations(lambda m: LossGuard(sgd(m, 2.0), sgd(m, 0.5), record=True, keep_both_graphs=True))
     per_call = [(h['forward'], h['backward']) for h in lg.history]
     assert per_call[0] == (1, 1) and all(f == 2 and b == 1 for f, b in per_call[1:])
     assert lg.evaluations['forward'] == sum(f for f, _ in per_call) and lg.evaluations['backward'] == 20
     assert lg.evaluations['forward'] == 1 + 2 * 19   # both graphs kept: one extra forward, whichever candidate wins
-    one = _evaluations(lambda m: LossGuard(sgd(m, 2.0), sgd(m, 0.5), record=True, keep_both_graphs=False))
+    one = _evaluations(lambda m: LossGuard(sgd(m, 2.0), sgd(m, 0.5), record=True))   # the default: one graph
+    assert one.keep_both_graphs is False
     provisional = ['fallback'] + [h['choice'] for h in one.history[1:-1]]   # the last decision's winner is held next
     misses = sum(h['choice'] != held for h, held in zip(one.history[1:], provisional))
     assert misses > 0 and one.evaluations['forward'] == 1 + 2 * 19 + misses   # one graph: a third forward at each miss

@@ -124,11 +124,13 @@ ADAM = functools.partial(torch.optim.Adam, lr=0.01)
 class Boom(Exception): pass
 
 
-ONE_GRAPH = functools.partial(LossGuard, keep_both_graphs=False)   # a third forward when the provisional candidate loses
+BOTH_GRAPHS = functools.partial(LossGuard, keep_both_graphs=True)   # no third forward: the first candidate's graph is kept
 
 
-@pytest.mark.parametrize('guard_cls,fail_at', [(LossGuard, 1), (LossGuard, 2), (ONE_GRAPH, 3), (GradientGuard, 1), (GradientGuard, 2)],
-                         ids=['LossGuard-1', 'LossGuard-2', 'LossGuard-one-graph-3', 'GradientGuard-1', 'GradientGuard-2'])
+@pytest.mark.parametrize('guard_cls,fail_at', [(LossGuard, 1), (LossGuard, 2), (LossGuard, 3), (BOTH_GRAPHS, 1), (BOTH_GRAPHS, 2),
+                                                (GradientGuard, 1), (GradientGuard, 2)],
+                         ids=['LossGuard-1', 'LossGuard-2', 'LossGuard-3', 'LossGuard-both-graphs-1', 'LossGuard-both-graphs-2',
+                              'GradientGuard-1', 'GradientGuard-2'])
 def test_closure_failing_at_any_call_changes_nothing_and_the_loop_goes_on(guard_cls, fail_at):
     "A loop that catches the error and skips the batch continues exactly as a loop that never saw that batch"
     batches = regression_batches(10)
@@ -182,7 +184,7 @@ def test_failure_after_the_first_evaluated_candidate_wins_changes_nothing(shadow
     model, fail = small_net(bn=True, dropout=0.2), [False]
     def hook(grads):
         if fail[0]: raise Boom()
-    guard = LossGuard(ADAM(model.parameters()), SGD(model.parameters()), record=True, grad_hook=hook)
+    guard = BOTH_GRAPHS(ADAM(model.parameters()), SGD(model.parameters()), record=True, grad_hook=hook)
     torch.manual_seed(1)
     for b in batches:
         probe_model, probe = copy.deepcopy((model, guard))
