@@ -54,6 +54,11 @@ def test_stability_claims_table(run_notebook):
     _, r = run_notebook(NBS / 'papers' / 'stability.ipynb')
     claims = list(_claims(r).values())
     assert len(claims) == 3 and [c['match'] for c in claims[:2]] == ['yes', 'yes']
+    # the third is computed from the runs out of distribution: every net on every problem, with a finite peak or a blow-up
+    stress = r['stress']
+    assert len(stress) == 12 and {s['net'] for s in stress} == {'mlp', 'nominal'}
+    assert all(s['peak / start'] > 0 and s['left the stable region'] == (s['peak / start'] > 100) for s in stress)
+    assert f"blackbox {sum(s['left the stable region'] for s in stress if s['net'] == 'mlp')}," in claims[2]['ours']
 
 
 def test_lgl2o_claims(run_notebook):
