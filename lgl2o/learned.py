@@ -349,8 +349,8 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7,
     # The normalisation is read off the Gram matrix (its trace is the squared Frobenius norm) and rides on the small P,
     # with `scale`, so that the long side is touched by one product only: add_to + (s P) x
     gram = y @ y.T
-    s2 = 1 / (gram.trace() + eps * eps)
-    poly = _ns_polynomial(gram * s2, steps) * (s2.sqrt() if scale is None else s2.sqrt() * scale)
+    norm2 = gram.trace() + eps * eps
+    poly = _ns_polynomial(gram / norm2, steps) * (norm2.rsqrt() if scale is None else norm2.rsqrt() * scale)
     if add_to is None: return poly @ y if wide else x @ poly.T
     return torch.addmm(add_to, poly, y) if wide else torch.addmm(add_to, x, poly.T)
 
@@ -407,42 +407,43 @@ class CeloNet(LearnedNet):
         embed = self.log_lr.new_tensor([k] + [k * math.tanh(float(step) / tau) for tau in self.config['timescales']])
         return torch.exp((self.log_lr @ embed).clamp(-20.0, 20.0))
 
-    def direction(self, x: Tensor, base: Tensor, first: Tensor | None = None) -> Tensor:
-        "The direction [N] of every coordinate: `base` [1, N] plus the MLP's output on its features `x` [F, N] (`first`: the first layer's weight, if not its own)"
+    def direction(self, x: Tensor, units: list[float] | None = None) -> Tensor:
+        "The direction [N] of every coordinate: the base direction (features' row 1) plus the MLP's output; the features are `x` [F, N], row i times `units[i]` if given"
         inplace = not torch.is_grad_enabled()
-        layers = [(l.weight, l.bias[:, None]) for l in self.hidden_layers]
-        if first is not None: layers[0] = (first, layers[0][1])
+        first, rest = self.hidden_layers[0], self.hidden_layers[1:]
+        # a row's scale rides on the first layer's small weight, and on the output's base row, not on N coordinates
+        layers = [(first.weight if units is None else first.weight * x.new_tensor(units), first.bias.unsqueeze(1))]
+        layers += [(l.weight, l.bias.unsqueeze(1)) for l in rest]
         outs = []
-        for xc, bc in zip(x.split(CELO_CHUNK, 1), base.split(CELO_CHUNK, 1)):   # blocks that stay in cache from layer to layer
+        for xc in x.split(CELO_CHUNK, 1) if x.shape[1] > CELO_CHUNK else (x,):   # blocks that stay in cache from layer to layer
             h = xc
             for w, b in layers: h = torch.addmm(b, w, h).relu_() if inplace else torch.addmm(b, w, h).relu()
-            outs.append(torch.addmm(bc, self.output.weight, h))
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0]
+            outs.append(torch.addmm(xc[1:2], self.output.weight, h, beta=1.0 if units is None else units[1]))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0] + self.output.bias
 
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
         cfg, sizes, t = self.config, tuple(p.numel() for p in params), step + 1
         g = guard_grads(flat_cat(grads))
-        m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays[:, None])   # beta m + (1 - beta) g
+        m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays.unsqueeze(1))   # beta m + (1 - beta) g
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         # Adam's 1 / (sqrt(v_hat) + eps), nearly, is rsqrt(v / c + eps^2) = sqrt(c) rsqrt(v + c eps^2), c = 1 - beta2^t; the factor
         # sqrt(c) and the momenta's bias corrections are constants per feature row: they ride on the first layer's small weight
         # and on the one row that needs them, instead of on every coordinate of every feature
         c = 1 - cfg['beta2'] ** t
-        x = torch.cat([g[None], m]) * torch.rsqrt(v + c * cfg['eps'] ** 2)   # the gradient and the momenta, over sqrt(v)
+        x = torch.cat([g.unsqueeze(0), m]) * torch.rsqrt(v + c * cfg['eps'] ** 2)   # the gradient and the momenta, over sqrt(v)
         units = [c ** 0.5] + [c ** 0.5 / (1 - d ** t) for d in cfg['decays']]   # each row times this: Adam's units
         matrix = [q.ndim >= 2 for q in params]
-        lr = self.step_scales(step) * g.new_tensor([cfg['lr'], cfg['lr_1d']])
-        if any(matrix):   # the base direction (the first momentum's row in Adam's units, plus the output bias) and the MLP's correction
-            base = torch.add(self.output.bias[:, None], x[1:2], alpha=units[1])
-            d = self.direction(x, base, self.hidden_layers[0].weight * g.new_tensor(units)).split(sizes)
-        else: d = [None] * len(params)
+        # the step sizes, the other tensors' with the factor that turns row 1 into Adam's direction and the minus sign
+        lr_matrix, lr_other = (self.step_scales(step) * g.new_tensor([cfg['lr'], -cfg['lr_1d'] * units[1]])).unbind()
+        d = self.direction(x, units).split(sizes) if any(matrix) else [None] * len(params)
         new = []
         for q, di, adam, is_matrix in zip(params, d, x[1].split(sizes), matrix):
             if is_matrix:   # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
-                q2 = q.view(q.shape[0], -1)
-                new.append(newton_schulz(di.view(q2.shape), cfg['ns_steps'], scale=lr[0] * -math.sqrt(max(q2.shape)), add_to=q2).view(q.shape))
-            else: new.append(torch.addcmul(q, adam.view(q.shape), lr[1] * -units[1]))
+                q2 = q if q.ndim == 2 else q.view(q.shape[0], -1)
+                step_q = newton_schulz(di.view(q2.shape), cfg['ns_steps'], scale=lr_matrix * -math.sqrt(max(q2.shape)), add_to=q2)
+                new.append(step_q if q.ndim == 2 else step_q.view(q.shape))
+            else: new.append(torch.addcmul(q, adam.view(q.shape), lr_other))
         return new, [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
 
 
@@ -651,7 +652,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             check_step_inputs(params, self.net)  # before any state changes: a refused step leaves everything as it was
             self._init_missing_states()
             states = [{k: v for k, v in self.state[p].items() if k != 'step'} for p in params]
-            step = int(max(self.state[p]['step'].item() for p in params))
+            step = int(max(t.item() for t in {id(t): t for t in (self.state[p]['step'] for p in params)}.values()))   # each shared counter read once
             new_params, new_states = self._update_fn()(params, [p.grad for p in params], states, step)
         if all(lr == 1 for lr, _ in active): torch._foreach_copy_(params, new_params)   # one op for every tensor
         else:

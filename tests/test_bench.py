@@ -51,6 +51,15 @@ def test_the_shadow_rule_is_never_worse_than_its_fallback_where_the_paper_rule_i
     assert card['LGL2O', 'shadow']['never_worse'] == card['LGL2O', 'shadow']['cases']
 
 
+def test_every_contender_has_a_speedup_over_tuned_adam(run_notebook):
+    "The small run's summary: a speed-up for each contender, celo's among them; Adam's own is at most 1 (its reference run is its run, continued)"
+    summary = pd.DataFrame(_bench_results(run_notebook)['summary'])
+    assert summary['speedup'].notna().all() and (summary['speedup'] >= 0).all()
+    assert {'celo-mlpfamily', 'LGL2O(celo-mlpfamily, Adam)', 'GL2O(celo-mlpfamily, SGD)'} <= set(summary['optimizer'])
+    adam = summary[summary['optimizer'] == 'Adam']
+    assert ((adam['speedup'] > 0.5) & (adam['speedup'] <= 1)).all() and not adam['speedup_lower_bound'].any()
+
+
 def test_cost_figures_are_printed(run_notebook):
     "Both tasks, each net's floor, and the memory that keeping both graphs costs where activations are large"
     r = _bench_results(run_notebook)
@@ -160,6 +169,7 @@ def test_report_says_what_it_compares_and_records_tasks_by_name(tmp_path):
     assert tasks['spirals']['task'] == 'MLPTask' and tasks['spirals']['data']['name'] == 'spirals'
     assert 'mean over 2 seeds' in text and 'better of its two components' in text and 'at most 5% above' in text
     assert 'band: ±1 sd across seeds' in text and (tmp_path / 'losses.png').exists() and (tmp_path / 'guard_choices.png').exists()
+    assert '## Speed-up over tuned Adam' in text and 'geometric mean over seeds' in text and (tmp_path / 'adam_reference.csv').exists()
     assert '| nan |' not in text and ' nan ' not in text
     sgd = summarize(res.steps).query("optimizer == 'SGD'").iloc[0]
     assert math.isnan(sgd['learned_fraction'])            # a column that does not apply to SGD ...
