@@ -124,13 +124,27 @@ def test_bench_help_lists_every_option():
         assert opt in res.stdout, opt
 
 
+def _bench_here(*args) -> tuple[int, str]:
+    "lgl2o-bench's entry point in this process (no interpreter start-up): its exit status and stderr"
+    import contextlib, io
+    from lgl2o.cli import bench_main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try: code = bench_main(list(args))
+        except SystemExit as e: code = e.code
+    return code, err.getvalue()
+
+
 def test_bench_bad_input_is_one_line_exit_2(tmp_path):
+    "One case as a real process (exit status, no traceback); the others through the same entry point in this process"
+    res = _bench('--nets', 'nope')
+    assert res.returncode == 2 and 'lstm-mnist' in res.stderr and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr, res.stderr
     blocker = tmp_path / 'file'; blocker.write_text('x')
-    for args, expected in ((['--scenarios', 'horizon-100x'], 'add --full'), (['--nets', 'nope'], 'lstm-mnist'),
-                           (['--out', str(blocker / 'sub')], 'cannot write to --out'), (['--seeds', '-1'], 'seeds')):
-        res = _bench(*args)
-        assert res.returncode == 2, (args, res.stderr)
-        assert expected in res.stderr and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr, res.stderr
+    for args, expected in ((['--scenarios', 'horizon-100x'], 'add --full'), (['--out', str(blocker / 'sub')], 'cannot write to --out'),
+                           (['--seeds', '-1'], 'seeds')):
+        code, err = _bench_here(*args)
+        assert code == 2, (args, err)
+        assert expected in err and err.count('\n') == 1 and err.startswith('lgl2o-bench: error:'), err
 
 
 def test_horizon_anatomy_runs_every_variant(run_notebook):
