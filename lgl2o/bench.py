@@ -435,8 +435,8 @@ def speedup_note(adam_horizon: float) -> str:
             f"final training loss, divided by the contender's steps; the geometric mean over seeds, each seed sharing its initial "
             f"weights and minibatches with Adam. Above 1 the contender is ahead of Adam, 1 is a tie, below 1 it is behind. Adam runs "
             f"{adam_horizon:g}x each scenario's steps; where it does not get there in that time, the speed-up is at least {adam_horizon:g} "
-            f"and is shown as '>= {adam_horizon:g}'. 0 means a seed diverged. The full split is evaluated every tenth of the horizon, "
-            f"which is the resolution of the speed-up.")
+            f"and is shown as '>= {adam_horizon:g}'. 0 means a seed diverged. The full split is evaluated every tenth to twentieth of "
+            f"a scenario's horizon (its `eval_every`), which is the resolution of the speed-up.")
 
 # %% ../nbs/05_bench.ipynb #42aa6f7d
 def guard_verdicts(summary: pd.DataFrame, tolerance: float = 0.05) -> pd.DataFrame:
