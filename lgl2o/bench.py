@@ -27,14 +27,15 @@ from .pretrained import load_pretrained, pretrained_names
 from .tasks import MLPTask, QuadraticTask, Task, mnist_cnn, mnist_mlp, mnist_subset, spirals_mlp
 
 # %% auto #0
-__all__ = ['KINDS', 'FALLBACKS', 'RULES', 'SHADOW_TOLERANCE', 'LR_GRID', 'TUNING_SEED', 'DEFAULT_NETS', 'DASHES',
-           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TASKS', 'FORWARD', 'FLOOR', 'COST_TARGETS', 'SPEEDUP_GRID',
-           'Contender', 'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr', 'tuned_lrs',
-           'BenchmarkResult', 'run_benchmark', 'summarize', 'guard_verdicts', 'verdict_note', 'fallback_verdicts',
-           'rule_scorecard', 'fallback_note', 'optimizer_names', 'optimizer_palette', 'optimizer_dashes',
-           'scenario_order', 'plot_losses', 'plot_choices', 'allocated_bytes', 'PeakMemory', 'step_times', 'cost_table',
-           'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report', 'hidden_slope', 'gl2o_anatomy',
-           'train_loss_curve', 'speedup_over_adam']
+__all__ = ['KINDS', 'FALLBACKS', 'RULES', 'SHADOW_TOLERANCE', 'LR_GRID', 'TUNING_SEED', 'SPEEDUP_GRID', 'DEFAULT_NETS', 'DASHES',
+           'SAME_BATCH_DASHES', 'COLOURS', 'COST_TASKS', 'FORWARD', 'FLOOR', 'COST_TARGETS', 'Contender',
+           'build_optimizer', 'Scenario', 'scenarios', 'contenders', 'train', 'tune_lr', 'tuned_lrs',
+           'train_loss_curve', 'steps_to_reach', 'speedup_ratio', 'speedup_over_adam', 'BenchmarkResult',
+           'adam_reference', 'run_benchmark', 'seed_speedups', 'summarize', 'speedup_table', 'speedup_note',
+           'guard_verdicts', 'verdict_note', 'fallback_verdicts', 'rule_scorecard', 'fallback_note', 'optimizer_names',
+           'optimizer_palette', 'optimizer_dashes', 'scenario_order', 'plot_losses', 'plot_choices', 'allocated_bytes',
+           'PeakMemory', 'step_times', 'cost_table', 'cost_ratios', 'ratio_lines', 'markdown_table', 'write_report',
+           'hidden_slope', 'gl2o_anatomy']
 
 # %% ../nbs/05_bench.ipynb #adf8c034
 KINDS = ('sgd', 'adam', 'learned', 'lgl2o', 'gl2o')
@@ -210,6 +211,73 @@ def tuned_lrs(tuning: pd.DataFrame, grid: dict = LR_GRID) -> pd.DataFrame:
     edges = best.apply(lambda r: r['lr'] in (min(grid[r['kind']]), max(grid[r['kind']])), axis=1)
     return best[['scenario', 'kind', 'lr', 'final_train_loss']].assign(at_edge=edges.astype(bool)).reset_index(drop=True)
 
+# %% ../nbs/05_bench.ipynb #fe39ec37
+SPEEDUP_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 3))   # Adam learning rates 1e-4 .. 10, half a decade apart
+
+def train_loss_curve(task: Task,                 # what to optimize
+                     make_optimizer: Callable,   # parameters -> a torch.optim optimizer
+                     steps: int,                 # optimizer steps
+                     seed: int,                  # initial weights and minibatch order
+                     eval_every: int = 10,       # evaluate the full training split every this many steps (and at the last)
+                     target: float = -math.inf,  # stop at the first evaluation whose loss is at most this
+                    ) -> list[tuple[int, float]]:
+    "(step, full training loss above the task's minimum) at step 0, every `eval_every` steps and the last; a divergence ends it with inf"
+    model = task.init(seed)
+    opt, batches, floor = make_optimizer(list(model.parameters())), task.batches(seed), getattr(task, 'optimum', 0.0)
+    curve = [(0, task.evaluate(model, 'train')['loss'] - floor)]
+    for t in range(1, steps + 1):
+        try: loss = opt.step(task.closure(model, next(batches), opt)).item()
+        except FloatingPointError: loss = math.nan   # a learned optimizer refuses a non-finite gradient
+        if not math.isfinite(loss): return curve + [(t, math.inf)]
+        if t % eval_every == 0 or t == steps:
+            curve.append((t, task.evaluate(model, 'train')['loss'] - floor))
+            if not math.isfinite(curve[-1][1]): return curve[:-1] + [(t, math.inf)]
+            if curve[-1][1] <= target: break
+    return curve
+
+def steps_to_reach(curve: list[tuple[int, float]],   # (step, training loss) pairs in step order
+                   target: float) -> int | None:
+    "The first step of `curve` whose loss is at most `target`; None if there is none"
+    return next((t for t, loss in curve if loss <= target), None)
+
+def speedup_ratio(adam_steps: int | None,   # the steps Adam needed to reach the optimizer's final loss (None: it did not within its horizon)
+                  steps: int,               # the optimizer's steps
+                  adam_horizon: int,        # the steps Adam ran
+                  diverged: bool = False) -> tuple[float, bool]:
+    "T_Adam / T and whether it is a lower bound: Adam did not get there in `adam_horizon` steps, so the speed-up is more than adam_horizon / T; 0 for a diverged optimizer"
+    if diverged: return 0.0, False
+    if adam_steps is None: return adam_horizon / steps, True
+    return adam_steps / steps, False
+
+def speedup_over_adam(task: Task,                # what both optimize
+                      make_optimizer: Callable,  # parameters -> the optimizer to measure (e.g. a LearnedOptimizer over a net)
+                      steps: int,                # its horizon
+                      seeds: list[int] = (0,),   # weights and minibatch orders, each shared by the optimizer and Adam
+                      grid: list[float] = SPEEDUP_GRID,  # Adam's learning rates
+                      horizon: float = 2.0,      # Adam runs at most horizon x steps: larger speed-ups are reported as `horizon`
+                      eval_every: int = 10,      # full training-loss evaluations every this many steps
+                     ) -> dict:
+    """Speed-up over tuned Adam: the fewest steps Adam, at the best learning rate of `grid`, needs to bring the training
+    loss down to the optimizer's final training loss, divided by the optimizer's `steps`. Per seed, and their geometric
+    mean ('speedup'); 0 for an optimizer that diverged, `horizon` where no learning rate got there in horizon x steps"""
+    if steps < 1 or horizon < 1: raise ValueError(f"need steps >= 1 and horizon >= 1, got {steps} and {horizon}")
+    long, runs = max(steps, int(round(horizon * steps))), []
+    for seed in seeds:
+        final = train_loss_curve(task, make_optimizer, steps, seed, eval_every)[-1]
+        row = {'seed': seed, 'final_loss': final[1], 'adam_steps': None, 'adam_lr': None}
+        diverged = final[0] < steps or not math.isfinite(final[1])
+        if diverged: row['final_loss'] = math.inf
+        else:
+            for lr in grid:   # the best learning rate is the one that gets there first; each run stops when it does
+                reached = steps_to_reach(train_loss_curve(task, lambda ps: torch.optim.Adam(ps, lr=lr), long, seed, eval_every, final[1]), final[1])
+                if reached is not None and (row['adam_steps'] is None or reached < row['adam_steps']): row['adam_steps'], row['adam_lr'] = reached, lr
+        row['speedup'], row['capped'] = speedup_ratio(row['adam_steps'], steps, long, diverged)
+        runs.append(row)
+    speeds = [r['speedup'] for r in runs]
+    mean = math.exp(sum(math.log(s) for s in speeds) / len(speeds)) if all(s > 0 for s in speeds) else 0.0
+    return {'speedup': mean, 'steps': steps, 'horizon': long, 'runs': runs}
+
+
 # %% ../nbs/05_bench.ipynb #7748b023
 @dataclass
 class BenchmarkResult:
@@ -217,18 +285,26 @@ class BenchmarkResult:
     steps: pd.DataFrame   # one row per scenario x contender x seed x step
     tuning: pd.DataFrame  # every learning rate tried, per scenario
     config: dict
+    reference: pd.DataFrame = field(default_factory=pd.DataFrame)   # tuned Adam's training loss per scenario, seed and evaluation step, beyond the horizon: the speed-up's yardstick
 
     def save(self, out: Path) -> dict:
-        "Write steps.csv, tuning.csv and config.json into `out`; the paths written"
+        "Write steps.csv, tuning.csv, adam_reference.csv and config.json into `out`; the paths written"
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
-        paths = {'steps': out / 'steps.csv', 'tuning': out / 'tuning.csv', 'config': out / 'config.json'}
+        paths = {'steps': out / 'steps.csv', 'tuning': out / 'tuning.csv', 'reference': out / 'adam_reference.csv', 'config': out / 'config.json'}
         self.steps.to_csv(paths['steps'], index=False)
         self.tuning.to_csv(paths['tuning'], index=False)
+        self.reference.to_csv(paths['reference'], index=False)
         paths['config'].write_text(json.dumps(self.config, indent=1, default=str))
         return paths
 
 # %% ../nbs/05_bench.ipynb #2bda873c
-DEFAULT_NETS = ('lstm-mnist', 'mlp-mnist')   # the learned optimizers of the default suite: the paper's LSTM and the per-parameter MLP
+DEFAULT_NETS = ('lstm-mnist', 'mlp-mnist', 'celo-mlpfamily')   # the default suite's learned optimizers: the paper's LSTM, the per-parameter MLP, the general-purpose Celo2-style net
+
+def adam_reference(task: Task, scenario: Scenario, seed: int, lr: float, horizon: float, target: float = -math.inf) -> list[dict]:
+    "Adam at `lr` on `scenario`'s task for up to `horizon` x its steps, evaluated as the step table is; it stops once its loss is at most `target`"
+    steps = max(scenario.steps, int(round(horizon * scenario.steps)))
+    curve = train_loss_curve(task, lambda ps: torch.optim.Adam(ps, lr=lr), steps, seed, scenario.eval_every, target)
+    return [{'scenario': scenario.name, 'seed': seed, 'step': t, 'train_loss': loss, 'horizon': steps, 'lr': lr} for t, loss in curve]
 
 def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run: names in `scenarios(full)` or `Scenario`s of your own (default: all of `scenarios(full)`)
                   seeds: list[int] = (0, 1, 2),     # evaluation seeds
@@ -238,8 +314,9 @@ def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run
                   max_steps: int | None = None,     # shorten every scenario to at most this many steps (quick runs)
                   net_loader: Callable[[str], LearnedNet] = load_pretrained,  # how a net name becomes a net
                   progress: bool = True,            # a progress bar on stderr
-                  rules: tuple = RULES) -> BenchmarkResult:   # LGL2O's rules to run: 'paper' (a paper's reproduction) and 'shadow'
-    "Train every contender of every chosen scenario for every seed; the tidy results"
+                  rules: tuple = RULES,             # LGL2O's rules to run: 'paper' (a paper's reproduction) and 'shadow'
+                  adam_horizon: float = 2.0) -> BenchmarkResult:   # tuned Adam's reference run for the speed-up: this many times each scenario's steps (1: the step table's run, no more)
+    "Train every contender of every chosen scenario for every seed, then tuned Adam beyond the horizon for the speed-up; the tidy results"
     available = scenarios(full)
     chosen = list(available.values()) if names is None else [n if isinstance(n, Scenario) else available.get(n, n) for n in names]
     unknown = [n for n in chosen if not isinstance(n, Scenario)]
@@ -264,19 +341,59 @@ def run_benchmark(names: list[str | Scenario] | None = None,  # scenarios to run
         key = (json.dumps(task.config, sort_keys=True, default=str), sc.steps, c, seed)
         if key not in cache: cache[key] = train(task, c, sc.steps, seed, lrs[sc.name], loaded, sc.eval_every)
         rows += [{'scenario': sc.name, 'optimizer': c.name, **asdict(c), 'seed': seed, **r} for r in cache[key]]
+    reference = _adam_references(chosen, seeds, tasks, lrs, pd.DataFrame(rows), adam_horizon)
     config = {'scenarios': {sc.name: sc.config(tasks.get(sc.name)) for sc in chosen}, 'seeds': list(seeds),
               'nets': list(nets), 'full': full, 'tune_steps': tune_steps, 'max_steps': max_steps, 'lr_grid': LR_GRID, 'tuning_seed': TUNING_SEED,
-              'learning_rates': lrs, 'rules': list(rules), 'contenders': {sc.name: [asdict(c) | {'name': c.name} for c in contenders(sc, list(nets), rules)] for sc in chosen},
+              'learning_rates': lrs, 'rules': list(rules), 'adam_horizon': adam_horizon, 'contenders': {sc.name: [asdict(c) | {'name': c.name} for c in contenders(sc, list(nets), rules)] for sc in chosen},
               'versions': {'torch': torch.__version__, 'python': platform.python_version()}}
-    return BenchmarkResult(pd.DataFrame(rows), pd.DataFrame(tuning), config)
+    return BenchmarkResult(pd.DataFrame(rows), pd.DataFrame(tuning), config, reference)
 
-# %% ../nbs/05_bench.ipynb #28d2c905
 def _final_rows(steps: pd.DataFrame) -> pd.DataFrame:
+    "Each run's last evaluated row"
     evaluated = steps.dropna(subset=['train_loss'])  # each run's rows are in step order already
     return evaluated.groupby(['scenario', 'optimizer', 'seed'], sort=False).tail(1)
 
-def summarize(steps: pd.DataFrame) -> pd.DataFrame:
-    "One row per scenario x contender: final losses (mean, std over seeds), divergences, guard choices, cost"
+def _adam_references(chosen: list[Scenario], seeds, tasks: dict, lrs: dict, steps: pd.DataFrame, horizon: float) -> pd.DataFrame:
+    "Tuned Adam's curves per scenario and seed, each stopped at the lowest final loss of the scenario's contenders on that seed (what no speed-up needs more of)"
+    if horizon <= 1 or steps.empty: return pd.DataFrame()
+    lowest = _final_rows(steps).assign(train_loss=lambda f: f['train_loss'].where(~f['diverged'].fillna(False).astype(bool), math.inf))
+    lowest = lowest.groupby(['scenario', 'seed'])['train_loss'].min()
+    rows = [r for sc in chosen for seed in seeds
+            for r in adam_reference(tasks[sc.name], sc, seed, lrs[sc.name]['adam'], horizon, lowest.get((sc.name, seed), -math.inf))]
+    return pd.DataFrame(rows)
+
+# %% ../nbs/05_bench.ipynb #28d2c905
+def _adam_curves(steps: pd.DataFrame, reference: pd.DataFrame | None) -> dict:
+    "(scenario, seed) -> (Adam's evaluated curve, the steps it ran): the reference run where there is one, else the step table's Adam"
+    curves = {}
+    adam = steps[steps['kind'] == 'adam'].dropna(subset=['train_loss'])
+    for (name, seed), run in adam.groupby(['scenario', 'seed'], sort=False):
+        loss = run['train_loss'].where(~run['diverged'].fillna(False).astype(bool), math.inf) if 'diverged' in run else run['train_loss']
+        curves[name, seed] = (list(zip(run['step'], loss)), int(steps.loc[steps['scenario'] == name, 'step'].max()))
+    if reference is not None and len(reference):
+        for (name, seed), run in reference.groupby(['scenario', 'seed'], sort=False):
+            curves[name, seed] = (list(zip(run['step'], run['train_loss'])), int(run['horizon'].iloc[0]))
+    return curves
+
+def seed_speedups(steps: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    "Per scenario, contender and seed: the speed-up over tuned Adam (`speedup_ratio` of `steps_to_reach` on Adam's curve) and whether it is a lower bound"
+    final, curves = _final_rows(steps), _adam_curves(steps, reference)
+    horizons = steps.groupby('scenario', sort=False)['step'].max()
+    rows = []
+    for r in final.itertuples(index=False):
+        diverged = bool(getattr(r, 'diverged', False) is True) or not math.isfinite(r.train_loss)
+        curve, adam_horizon = curves.get((r.scenario, r.seed), ([], horizons[r.scenario]))
+        reached = None if diverged else steps_to_reach(curve, r.train_loss)
+        value, bound = speedup_ratio(reached, int(horizons[r.scenario]), adam_horizon, diverged) if curve else (math.nan, False)
+        rows.append({'scenario': r.scenario, 'optimizer': r.optimizer, 'seed': r.seed, 'final_train_loss': r.train_loss,
+                     'adam_steps': reached, 'speedup': value, 'lower_bound': bound})
+    return pd.DataFrame(rows)
+
+def _geometric_mean(values: pd.Series) -> float:
+    return 0.0 if (values <= 0).any() else float(np.exp(np.log(values).mean()))
+
+def summarize(steps: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    "One row per scenario x contender: final losses (mean, std over seeds), divergences, guard choices, cost, speed-up over tuned Adam (`reference`: Adam's longer run, if any)"
     final = _final_rows(steps).copy()
     final['diverged'] = final['diverged'].fillna(False).astype(bool)
     for col in ('train_loss', 'test_loss'): final.loc[final['diverged'], col] = math.inf
@@ -299,7 +416,27 @@ def summarize(steps: pd.DataFrame) -> pd.DataFrame:
     if 'reset' in steps:   # resets to the shadow run per seed (guards with the shadow rule)
         shadow = steps['rule'].eq('shadow')
         out['resets'] = steps[shadow].groupby(['scenario', 'optimizer'], sort=False)['reset'].sum() / out['seeds']
+    per_seed = seed_speedups(steps, reference).groupby(['scenario', 'optimizer'], sort=False)
+    out['speedup'] = per_seed['speedup'].agg(_geometric_mean)       # over seeds, as `speedup_over_adam`; 0 if a seed diverged
+    out['speedup_lower_bound'] = per_seed['lower_bound'].any()      # some seed's Adam never got there: the speed-up is at least this
     return out.reset_index()  # groups keep the order of the step table: scenario by scenario, contender by contender
+
+def speedup_table(summary: pd.DataFrame) -> pd.DataFrame:
+    "The speed-up over tuned Adam, one row per contender and one column per scenario; '>= x' where it is a lower bound"
+    def cell(r): return '' if pd.isna(r['speedup']) else f"{'>= ' if r['speedup_lower_bound'] else ''}{r['speedup']:.2f}"
+    table = summary.assign(cell=summary.apply(cell, axis=1)).pivot(index='optimizer', columns='scenario', values='cell')
+    order = [n for n in dict.fromkeys(summary['optimizer'])]
+    return table.reindex(index=order, columns=list(dict.fromkeys(summary['scenario']))).fillna('').reset_index().rename_axis(columns=None)
+
+def speedup_note(adam_horizon: float) -> str:
+    "What the speed-up table shows and how it is computed, in words for the report"
+    return (f"The speed-up over tuned Adam (as in VeLO, Metz et al. 2022, arXiv:2211.09760): the first evaluation step at which Adam, at "
+            f"the learning rate tuned for the scenario, brings the training loss on the full training split down to the contender's "
+            f"final training loss, divided by the contender's steps; the geometric mean over seeds, each seed sharing its initial "
+            f"weights and minibatches with Adam. Above 1 the contender is ahead of Adam, 1 is a tie, below 1 it is behind. Adam runs "
+            f"{adam_horizon:g}x each scenario's steps; where it does not get there in that time, the speed-up is at least {adam_horizon:g} "
+            f"and is shown as '>= {adam_horizon:g}'. 0 means a seed diverged. The full split is evaluated every tenth to twentieth of "
+            f"a scenario's horizon (its `eval_every`), which is the resolution of the speed-up.")
 
 # %% ../nbs/05_bench.ipynb #42aa6f7d
 def guard_verdicts(summary: pd.DataFrame, tolerance: float = 0.05) -> pd.DataFrame:
@@ -583,7 +720,10 @@ COST_TARGETS = {   # the project's targets, by ratio name: (the largest ratio th
                                                            "the paper's rule with the same components; the shadow run adds a forward, a "
                                                            "backward and a fallback step") for n in ('lstm-mnist', 'mlp-mnist')},
     'mlp-mnist/Adam (mnist-mlp)': (3.0, "the per-parameter MLP is the learned optimizer meant to be cheap: at most three Adam steps "
-                                        "(about 2.5 measured on an idle machine, see lgl2o.learned)")}
+                                        "(about 2.5 measured on an idle machine, see lgl2o.learned)"),
+    'celo-mlpfamily/Adam (mnist-mlp)': (2.0, "a general-purpose learned optimizer is only worth its speed-up in steps if a step costs "
+                                             "little more than Adam's: at most two whole Adam training steps where its own update "
+                                             "dominates, the MNIST MLP on one thread")}
 
 def ratio_lines(ratios: dict) -> str:
     "The ratios as markdown bullets, each with its target, whether this run met it, and where the target comes from"
@@ -610,7 +750,7 @@ def write_report(result: BenchmarkResult, out: Path, nets: dict, timing_steps: i
     "Save tables, summary, verdicts, cost figures and plots of `result` into `out`; the markdown report"
     out = Path(out)
     result.save(out)
-    summary = summarize(result.steps)
+    summary = summarize(result.steps, result.reference)
     verdicts = guard_verdicts(summary, tolerance)
     against_fallback = fallback_verdicts(summary, tolerance)
     times = pd.concat([step_times(nets, task, steps=timing_steps, warmup=min(10, timing_steps), block=min(10, timing_steps + 1))
@@ -621,6 +761,7 @@ def write_report(result: BenchmarkResult, out: Path, nets: dict, timing_steps: i
     table.to_csv(out / 'step_times.csv', index=False)
     (out / 'cost_ratios.json').write_text(json.dumps(ratios, indent=1))
     parts = ['## Summary (final losses: mean over seeds)', markdown_table(summary),
+             '## Speed-up over tuned Adam', speedup_note(result.config.get('adam_horizon', 1.0)), markdown_table(speedup_table(summary)),
              '## LGL2O and GL2O against the better of their two components', verdict_note(summary, tolerance), markdown_table(verdicts),
              '## Each guard against its fallback alone', fallback_note(summary, tolerance), markdown_table(against_fallback),
              'Per rule:', markdown_table(rule_scorecard(against_fallback)),
@@ -691,57 +832,3 @@ def gl2o_anatomy(task: Task,             # an MLP task (the hidden slope needs s
     out['train_gl2o'] = [r[f"train_{r['choice']}"] for _, r in out.iterrows()]
     out['slope_gl2o'] = [r[f"slope_{r['choice']}"] for _, r in out.iterrows()]
     return out
-
-# %% ../nbs/05_bench.ipynb #fe39ec37
-SPEEDUP_GRID = tuple(10.0 ** (k / 2) for k in range(-8, 3))   # Adam learning rates 1e-4 .. 10, half a decade apart
-
-def train_loss_curve(task: Task,                 # what to optimize
-                     make_optimizer: Callable,   # parameters -> a torch.optim optimizer
-                     steps: int,                 # optimizer steps
-                     seed: int,                  # initial weights and minibatch order
-                     eval_every: int = 10,       # evaluate the full training split every this many steps (and at the last)
-                     target: float = -math.inf,  # stop at the first evaluation whose loss is at most this
-                    ) -> list[tuple[int, float]]:
-    "(step, full training loss above the task's minimum) at step 0, every `eval_every` steps and the last; a divergence ends it with inf"
-    model = task.init(seed)
-    opt, batches, floor = make_optimizer(list(model.parameters())), task.batches(seed), getattr(task, 'optimum', 0.0)
-    curve = [(0, task.evaluate(model, 'train')['loss'] - floor)]
-    for t in range(1, steps + 1):
-        try: loss = opt.step(task.closure(model, next(batches), opt)).item()
-        except FloatingPointError: loss = math.nan   # a learned optimizer refuses a non-finite gradient
-        if not math.isfinite(loss): return curve + [(t, math.inf)]
-        if t % eval_every == 0 or t == steps:
-            curve.append((t, task.evaluate(model, 'train')['loss'] - floor))
-            if not math.isfinite(curve[-1][1]): return curve[:-1] + [(t, math.inf)]
-            if curve[-1][1] <= target: break
-    return curve
-
-def speedup_over_adam(task: Task,                # what both optimize
-                      make_optimizer: Callable,  # parameters -> the optimizer to measure (e.g. a LearnedOptimizer over a net)
-                      steps: int,                # its horizon
-                      seeds: list[int] = (0,),   # weights and minibatch orders, each shared by the optimizer and Adam
-                      grid: list[float] = SPEEDUP_GRID,  # Adam's learning rates
-                      horizon: float = 2.0,      # Adam runs at most horizon x steps: larger speed-ups are reported as `horizon`
-                      eval_every: int = 10,      # full training-loss evaluations every this many steps
-                     ) -> dict:
-    """Speed-up over tuned Adam: the fewest steps Adam, at the best learning rate of `grid`, needs to bring the training
-    loss down to the optimizer's final training loss, divided by the optimizer's `steps`. Per seed, and their geometric
-    mean ('speedup'); 0 for an optimizer that diverged, `horizon` where no learning rate got there in horizon x steps"""
-    if steps < 1 or horizon < 1: raise ValueError(f"need steps >= 1 and horizon >= 1, got {steps} and {horizon}")
-    long, runs = max(steps, int(round(horizon * steps))), []
-    for seed in seeds:
-        final = train_loss_curve(task, make_optimizer, steps, seed, eval_every)[-1]
-        row = {'seed': seed, 'final_loss': final[1], 'adam_steps': None, 'adam_lr': None}
-        if final[0] == steps and math.isfinite(final[1]):
-            for lr in grid:   # the best learning rate is the one that gets there first; each run stops when it does
-                curve = train_loss_curve(task, lambda ps: torch.optim.Adam(ps, lr=lr), long, seed, eval_every, final[1])
-                if curve[-1][1] <= final[1] and (row['adam_steps'] is None or curve[-1][0] < row['adam_steps']):
-                    row['adam_steps'], row['adam_lr'] = curve[-1][0], lr
-        else: row['final_loss'] = math.inf
-        row['speedup'] = 0.0 if row['final_loss'] == math.inf else (row['adam_steps'] or long) / steps
-        row['capped'] = row['final_loss'] < math.inf and row['adam_steps'] is None
-        runs.append(row)
-    speeds = [r['speedup'] for r in runs]
-    mean = math.exp(sum(math.log(s) for s in speeds) / len(speeds)) if all(s > 0 for s in speeds) else 0.0
-    return {'speedup': mean, 'steps': steps, 'horizon': long, 'runs': runs}
-

@@ -261,7 +261,7 @@ def bench_parser() -> argparse.ArgumentParser:
     "The options of `lgl2o-bench`"
     p = _Parser(prog='lgl2o-bench', description="Benchmark the loss guard (LGL2O) against GL2O, unguarded learned optimizers and tuned "
                 "SGD/Adam on MNIST, spirals, changed architectures and a quadratic. Bad input exits with status 2 and one line on stderr.")
-    p.add_argument('--out', type=Path, default=Path('bench-results'), help="folder for steps.csv, tuning.csv, config.json, summary.md, "
+    p.add_argument('--out', type=Path, default=Path('bench-results'), help="folder for steps.csv, tuning.csv, adam_reference.csv, config.json, summary.md, "
                    "verdicts.csv, fallback_verdicts.csv, step_times.csv and the figures (default: bench-results)")
     p.add_argument('--full', action='store_true', help="the long suite: horizons 10x and 100x the meta-training horizon, 5 seeds, every shipped net")
     p.add_argument('--seeds', type=_int_list, help="how many seeds (3 means 0,1,2) or a comma list of seeds (default: 2, or 5 with --full)")

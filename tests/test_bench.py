@@ -4,15 +4,16 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from conftest import NBS
 from lgl2o import LossGuard
-from lgl2o.tasks import mnist_cnn
-from lgl2o.bench import (DEFAULT_NETS, PeakMemory, LR_GRID, Contender, guard_verdicts, markdown_table, ratio_lines, run_benchmark, scenarios,
-                         summarize, tune_lr, write_report)
+from lgl2o.tasks import QuadraticTask, mnist_cnn
+from lgl2o.bench import (DEFAULT_NETS, PeakMemory, LR_GRID, Contender, Scenario, guard_verdicts, markdown_table, ratio_lines, run_benchmark,
+                         scenarios, speedup_table, summarize, tune_lr, write_report)
 
 
 def _bench_results(run_notebook) -> dict:
@@ -48,6 +49,15 @@ def test_the_shadow_rule_is_never_worse_than_its_fallback_where_the_paper_rule_i
     assert not paper['never_worse'].all()                             # the small run has a case where the paper's rule is worse
     card = {(c['kind'], c['rule']): c for c in r['scorecard']}
     assert card['LGL2O', 'shadow']['never_worse'] == card['LGL2O', 'shadow']['cases']
+
+
+def test_every_contender_has_a_speedup_over_tuned_adam(run_notebook):
+    "The small run's summary: a speed-up for each contender, celo's among them; Adam's own is at most 1 (its reference run is its run, continued)"
+    summary = pd.DataFrame(_bench_results(run_notebook)['summary'])
+    assert summary['speedup'].notna().all() and (summary['speedup'] >= 0).all()
+    assert {'celo-mlpfamily', 'LGL2O(celo-mlpfamily, Adam)', 'GL2O(celo-mlpfamily, SGD)'} <= set(summary['optimizer'])
+    adam = summary[summary['optimizer'] == 'Adam']
+    assert ((adam['speedup'] > 0.5) & (adam['speedup'] <= 1)).all() and not adam['speedup_lower_bound'].any()
 
 
 def test_cost_figures_are_printed(run_notebook):
@@ -114,13 +124,27 @@ def test_bench_help_lists_every_option():
         assert opt in res.stdout, opt
 
 
+def _bench_here(*args) -> tuple[int, str]:
+    "lgl2o-bench's entry point in this process (no interpreter start-up): its exit status and stderr"
+    import contextlib, io
+    from lgl2o.cli import bench_main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try: code = bench_main(list(args))
+        except SystemExit as e: code = e.code
+    return code, err.getvalue()
+
+
 def test_bench_bad_input_is_one_line_exit_2(tmp_path):
+    "One case as a real process (exit status, no traceback); the others through the same entry point in this process"
+    res = _bench('--nets', 'nope')
+    assert res.returncode == 2 and 'lstm-mnist' in res.stderr and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr, res.stderr
     blocker = tmp_path / 'file'; blocker.write_text('x')
-    for args, expected in ((['--scenarios', 'horizon-100x'], 'add --full'), (['--nets', 'nope'], 'lstm-mnist'),
-                           (['--out', str(blocker / 'sub')], 'cannot write to --out'), (['--seeds', '-1'], 'seeds')):
-        res = _bench(*args)
-        assert res.returncode == 2, (args, res.stderr)
-        assert expected in res.stderr and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr, res.stderr
+    for args, expected in ((['--scenarios', 'horizon-100x'], 'add --full'), (['--out', str(blocker / 'sub')], 'cannot write to --out'),
+                           (['--seeds', '-1'], 'seeds')):
+        code, err = _bench_here(*args)
+        assert code == 2, (args, err)
+        assert expected in err and err.count('\n') == 1 and err.startswith('lgl2o-bench: error:'), err
 
 
 def test_horizon_anatomy_runs_every_variant(run_notebook):
@@ -132,10 +156,10 @@ def test_horizon_anatomy_runs_every_variant(run_notebook):
     assert all(r['final train loss'] > 0 for r in rows)
 
 
-def test_default_suite_runs_the_lstm_and_the_mlp():
-    assert DEFAULT_NETS == ('lstm-mnist', 'mlp-mnist')
+def test_default_suite_runs_the_lstm_the_mlp_and_celo():
+    assert DEFAULT_NETS == ('lstm-mnist', 'mlp-mnist', 'celo-mlpfamily')
     from lgl2o.cli import bench_parser, bench_settings
-    assert bench_settings(bench_parser().parse_args([]))['nets'] == ['lstm-mnist', 'mlp-mnist']
+    assert bench_settings(bench_parser().parse_args([]))['nets'] == ['lstm-mnist', 'mlp-mnist', 'celo-mlpfamily']
 
 
 @pytest.mark.parametrize('name', ['spirals', 'quadratic'])
@@ -159,6 +183,7 @@ def test_report_says_what_it_compares_and_records_tasks_by_name(tmp_path):
     assert tasks['spirals']['task'] == 'MLPTask' and tasks['spirals']['data']['name'] == 'spirals'
     assert 'mean over 2 seeds' in text and 'better of its two components' in text and 'at most 5% above' in text
     assert 'band: ±1 sd across seeds' in text and (tmp_path / 'losses.png').exists() and (tmp_path / 'guard_choices.png').exists()
+    assert '## Speed-up over tuned Adam' in text and 'geometric mean over seeds' in text and (tmp_path / 'adam_reference.csv').exists()
     assert '| nan |' not in text and ' nan ' not in text
     sgd = summarize(res.steps).query("optimizer == 'SGD'").iloc[0]
     assert math.isnan(sgd['learned_fraction'])            # a column that does not apply to SGD ...
@@ -193,3 +218,44 @@ def test_divergence_is_judged_above_the_minimum():
     assert len(rows) == 6 and not rows[-1]['diverged']                                        # ... and on to the end
     rows = train(task, Contender('adam'), 5, 0, {'adam': 1e5}, {}, eval_every=5)
     assert rows[-1]['diverged']                                                               # a real divergence still stops the run
+
+
+def _curve_rows(optimizer: str, kind: str, losses: dict, seed: int = 0) -> list[dict]:
+    "Step-table rows of one run whose full-split training loss at each evaluated step is `losses[step]`"
+    return [{'scenario': 's', 'optimizer': optimizer, 'kind': kind, 'net': None if kind == 'adam' else 'x', 'fallback': None, 'rule': None,
+             'seed': seed, 'step': t, 'train_loss': loss, 'test_loss': loss, 'diverged': False if t else None, 'seconds': 0.001}
+            for t, loss in losses.items()]
+
+
+def test_speedup_over_tuned_adam_in_the_summary():
+    "Adam against itself is 1; a curve that is Adam's k steps ahead scores (T + k) / T; past Adam's longer run it is a flagged lower bound"
+    adam = lambda t: math.exp(-t / 50)   # a loss that only falls
+    horizon, shift = 100, 30
+    steps = pd.DataFrame(_curve_rows('Adam', 'adam', {t: adam(t) for t in range(0, horizon + 1, 10)})
+                         + _curve_rows('ahead', 'learned', {t: adam(t + shift) for t in range(0, horizon + 1, 10)})
+                         + _curve_rows('far ahead', 'learned', {t: adam(t + 500) for t in range(0, horizon + 1, 10)})
+                         + _curve_rows('behind', 'learned', {t: adam(t / 2) for t in range(0, horizon + 1, 10)}))
+    reference = pd.DataFrame([{'scenario': 's', 'seed': 0, 'step': t, 'train_loss': adam(t), 'horizon': 2 * horizon} for t in range(0, 2 * horizon + 1, 10)])
+    s = summarize(steps, reference).set_index('optimizer')
+    assert s.loc['Adam', 'speedup'] == 1.0 and not s.loc['Adam', 'speedup_lower_bound']
+    assert s.loc['ahead', 'speedup'] == pytest.approx((horizon + shift) / horizon) and not s.loc['ahead', 'speedup_lower_bound']
+    assert s.loc['behind', 'speedup'] == pytest.approx(0.5)
+    assert s.loc['far ahead', 'speedup'] == 2.0 and s.loc['far ahead', 'speedup_lower_bound']   # Adam never gets there in 2x the steps
+    alone = summarize(steps).set_index('optimizer')             # without the longer run: the step table's Adam, to the horizon only
+    assert alone.loc['ahead', 'speedup'] == 1.0 and alone.loc['ahead', 'speedup_lower_bound']
+    table = speedup_table(s.reset_index()).set_index('optimizer')
+    assert table.loc['far ahead', 's'] == '>= 2.00' and table.loc['ahead', 's'] == '1.30'
+    diverged = steps.copy()
+    diverged.loc[(diverged['optimizer'] == 'behind') & (diverged['step'] == horizon), 'diverged'] = True
+    assert summarize(diverged, reference).set_index('optimizer').loc['behind', 'speedup'] == 0.0
+
+
+def test_adams_reference_run_continues_the_step_tables():
+    "Same seed, same rate: the longer run of tuned Adam is the step table's Adam up to the horizon, and then goes on"
+    tiny = Scenario('tiny', 'q', lambda: QuadraticTask(dim=3, condition=2.0), steps=6, eval_every=3)
+    res = run_benchmark([tiny], seeds=[0], nets=[], progress=False, adam_horizon=2.0)
+    adam = res.steps[res.steps['optimizer'] == 'Adam'].dropna(subset=['train_loss'])
+    ref = res.reference[res.reference['step'] <= 6]
+    assert ref['step'].tolist() == adam['step'].tolist() and np.allclose(ref['train_loss'], adam['train_loss'], rtol=1e-6)
+    assert res.reference['horizon'].iloc[0] == 12 and res.reference['lr'].iloc[0] == res.config['learning_rates']['tiny']['adam']
+    assert 'speedup' in summarize(res.steps, res.reference)

@@ -4,7 +4,7 @@ import math
 import torch
 
 from lgl2o.bench import speedup_over_adam, train_loss_curve
-from lgl2o.learned import CeloNet, LearnedOptimizer, build_net, newton_schulz, restore_net
+from lgl2o.learned import NS_COEFFICIENTS, CeloNet, LearnedOptimizer, build_net, newton_schulz, restore_net
 from lgl2o.meta import MetaConfig, make_task
 from lgl2o.pretrained import load_pretrained, pretrained_config, pretrained_info, pretrained_names
 from lgl2o.tasks import MLPFamily, QuadraticTask, mnist_mlp
@@ -72,3 +72,62 @@ def test_speedup_of_a_faster_optimizer_and_of_a_diverged_one():
     assert capped['speedup'] == 1.5 and capped['runs'][0]['capped']   # Adam at 1e-4 never gets there: the cap
     bad = speedup_over_adam(task, lambda ps: torch.optim.SGD(ps, lr=100.0), 30, grid=[0.1])
     assert bad['speedup'] == 0.0 and bad['runs'][0]['final_loss'] == math.inf
+
+
+def reference_update(net: CeloNet, params, grads, states, step):
+    "CeloNet's update written out as its docs state it, tensor by tensor, with no fusion: what the optimized update must equal"
+    cfg, t, (a, b, c) = net.config, step + 1, NS_COEFFICIENTS
+    decays = torch.tensor(cfg['decays'])[:, None]
+    embed = torch.tensor([1.0] + [math.tanh(step / tau) for tau in cfg['timescales']])
+    schedule = torch.exp((cfg['schedule_mult'] * (net.log_lr @ embed)).clamp(-20.0, 20.0))
+    new, new_states = [], []
+    for p, g, s in zip(params, grads, states):
+        g = g.reshape(-1)
+        m = decays * s['m'] + (1 - decays) * g
+        v = cfg['beta2'] * s['v'] + (1 - cfg['beta2']) * g * g
+        features = torch.cat([g[None], m / (1 - decays ** t)]) / torch.sqrt(v / (1 - cfg['beta2'] ** t) + cfg['eps'] ** 2)
+        if p.ndim >= 2:
+            h = features.T
+            for layer in net.hidden_layers: h = torch.relu(layer(h))
+            y = (features[1] + net.output(h)[:, 0]).view(p.shape[0], -1)
+            y = y / torch.sqrt((y * y).sum() + 1e-14)
+            for _ in range(cfg['ns_steps']):
+                gram = y @ y.T
+                y = a * y + (b * gram + c * gram @ gram) @ y
+            new.append(p - schedule[0] * cfg['lr'] * math.sqrt(max(y.shape)) * y.view(p.shape))
+        else: new.append(p - schedule[1] * cfg['lr_1d'] * features[1].view(p.shape))
+        new_states.append({'m': m, 'v': v})
+    return new, new_states
+
+
+def assert_same_update(net, params, grads, states, ref_states, step):
+    "The optimized update, with and without autograd recording, equals the reference to float32 rounding; the new states of both"
+    with torch.no_grad(): expected, ref_states = reference_update(net, params, grads, ref_states, step)
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode): got, new_states = net.update(params, grads, states, step)
+        for p, x, y in zip(params, got, expected):
+            # Newton-Schulz multiplies the rounding of a small singular value by up to a^5 ~ 500: a matrix's step agrees to 1e-3 of
+            # its largest entry (2e-4 measured, before and after the update was optimized), every other tensor's to 1e-5
+            step_size, tolerance = (y - p).abs().max(), 1e-3 if p.ndim >= 2 else 1e-5
+            assert (x.detach() - y).abs().max() <= tolerance * step_size + 1e-12, (tuple(p.shape), step, (x.detach() - y).abs().max(), step_size)
+        for s, r in zip(new_states, ref_states):   # the moments: torch.lerp(g^2, v, 0.999) rounds 1 - 0.999 to float32, 3 digits lost
+            for k in ('m', 'v'): assert (s[k].detach() - r[k]).abs().max() <= 1e-3 * r[k].abs().max(), (k, step)
+    return [p.detach() for p in got], [{k: v.detach() for k, v in s.items()} for s in new_states], ref_states
+
+
+def test_update_equals_the_plain_reference_on_a_real_model():
+    "Five steps of the shipped net on the MNIST MLP (a wide first layer, a nearly square second), then tall, square and 0-d tensors"
+    net, task = load_pretrained(NAME), mnist_mlp()
+    model = task.init(0)
+    params, batches = list(model.parameters()), task.batches(0)
+    states = ref_states = net.init_state(params)
+    for step in range(5):
+        model.zero_grad(); task.loss(model, next(batches)).backward()
+        new, states, ref_states = assert_same_update(net, params, [p.grad for p in params], states, ref_states, step)
+        with torch.no_grad():
+            for p, n in zip(params, new): p.copy_(n)
+    gen = torch.Generator().manual_seed(0)
+    odd = [torch.randn(300, 7, generator=gen), torch.randn(9, 9, generator=gen), torch.randn(2, 3, 4, generator=gen), torch.randn((), generator=gen)]
+    states = ref_states = net.init_state(odd)
+    for step in range(3):
+        _, states, ref_states = assert_same_update(net, odd, [torch.randn(p.shape, generator=gen) for p in odd], states, ref_states, step)
