@@ -417,7 +417,7 @@ def summarize(steps: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.
         shadow = steps['rule'].eq('shadow')
         out['resets'] = steps[shadow].groupby(['scenario', 'optimizer'], sort=False)['reset'].sum() / out['seeds']
     per_seed = seed_speedups(steps, reference).groupby(['scenario', 'optimizer'], sort=False)
-    out['speedup'] = per_seed['speedup'].agg(_geometric_mean)       # over seeds, as `speedup_over_adam`; 0 if a seed diverged
+    out['speedup'] = per_seed['speedup'].agg(_geometric_mean)       # over seeds, as `speedup_over_adam`; 0 if a seed diverged or never went below its start
     out['speedup_lower_bound'] = per_seed['lower_bound'].any()      # some seed's Adam never got there: the speed-up is at least this
     return out.reset_index()  # groups keep the order of the step table: scenario by scenario, contender by contender
 
@@ -435,7 +435,8 @@ def speedup_note(adam_horizon: float) -> str:
             f"final training loss, divided by the contender's steps; the geometric mean over seeds, each seed sharing its initial "
             f"weights and minibatches with Adam. Above 1 the contender is ahead of Adam, 1 is a tie, below 1 it is behind. Adam runs "
             f"{adam_horizon:g}x each scenario's steps; where it does not get there in that time, the speed-up is at least {adam_horizon:g} "
-            f"and is shown as '>= {adam_horizon:g}'. 0 means a seed diverged. The full split is evaluated every tenth to twentieth of "
+            f"and is shown as '>= {adam_horizon:g}'. 0 means a seed diverged or ended no lower than where it started (Adam needs no "
+            f"step to get there); Adam's own row is below 1 where its loss rose again before its last step. The full split is evaluated every tenth to twentieth of "
             f"a scenario's horizon (its `eval_every`), which is the resolution of the speed-up.")
 
 # %% ../nbs/05_bench.ipynb #42aa6f7d
