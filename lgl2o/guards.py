@@ -592,13 +592,14 @@ class Guard(Optimizer):
                              "and leave requires_grad on for at least one parameter")
         return loss, buffers
 
-    def _backward(self, loss: Tensor, speculative: bool = False):
+    def _backward(self, loss: Tensor, speculative: bool = False, keep_graph: bool = True):
         "The gradient of `loss` in `p.grad`, as after zero_grad() and loss.backward(): None where the loss does not reach"
         params = self._params
         for p in params: p.grad = None
         # backward, not autograd.grad: DDP averages, hooks run, other leaves (another optimizer's, inputs) get their gradient;
-        # a speculative gradient (GL2O's test) reaches only the guard's parameters until it is kept
-        if speculative: loss.backward(inputs=[p for p in params if p.requires_grad], retain_graph=True)
+        # a speculative gradient (GL2O's test) reaches only the guard's parameters until it is kept, and keeps the graph
+        # for the other leaves' backward if `keep_graph` (the shadow's gradient is never kept: its graph goes at once)
+        if speculative: loss.backward(inputs=[p for p in params if p.requires_grad], retain_graph=keep_graph)
         else: loss.backward()
         self.evaluations['backward'] += 1
 
@@ -799,7 +800,7 @@ class Guard(Optimizer):
         grads = None
         if grad:
             kept = [p.grad for p in params]
-            self._backward(loss_s, speculative=True)    # reaches only the guard's parameters
+            self._backward(loss_s, speculative=True, keep_graph=False)    # reaches only the guard's parameters
             grads = [p.grad for p in params]
             for p, g in zip(params, kept): p.grad = g
         recorder.restore(); set_random_state(after) # module buffers and the random stream follow the guarded run
@@ -932,6 +933,7 @@ class LossGuard(Guard):
         self._pending = False
         self._settle(choice, entry, self.steps - 1, loss_learned=losses['learned'], loss_fallback=losses['fallback'])
         if choice != held:
+            raw[held] = loss = None   # the losing forward's graph goes before the winner's is taken up or built
             self._buf.load(choice)   # the values its graph was recorded at
             if not for_step or pair.resume_first(): loss = raw[choice]
             # from the same random state and buffers as its evaluation: the same loss, now with a graph
@@ -1017,7 +1019,8 @@ class GradientGuard(Guard):
         loss = pair.forward(closure, grad=True)
         value = self._loss_values(loss)[0]
         if not math.isfinite(value): return loss, value, math.nan
-        self._backward(loss, speculative=True)
+        ours = {id(p) for p in self._params}   # the graph is needed again only for other leaves, once theta_L is accepted
+        self._backward(loss, speculative=True, keep_graph=any(id(t) not in ours for t in graph_leaves(loss)))
         return loss, value, grad_norm([p.grad for p in self._params if p.grad is not None])
 
     def _decide(self, closure, entry, decided: int, for_step: bool, want_loss: bool) -> Tensor | None:
@@ -1034,6 +1037,7 @@ class GradientGuard(Guard):
             if not self._buf.finite('fallback'): self._fail("the learned candidate is rejected and the fallback candidate is not finite")
             self._buf.load('fallback')
             if want_loss:
+                loss = None   # the rejected candidate's kept graph goes before the fallback's forward
                 loss = pair.forward(closure, grad=for_step)
                 loss_f = self._loss_values(loss)[0]
                 if not math.isfinite(loss_f): self._fail(f"the learned candidate is rejected and the fallback's loss is {loss_f}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import NBS
-from lgl2o import LossGuard
+from lgl2o import GradientGuard, LossGuard
 from lgl2o.tasks import QuadraticTask, mnist_cnn
 from lgl2o.bench import (DEFAULT_NETS, PeakMemory, LR_GRID, Contender, Scenario, guard_verdicts, markdown_table, ratio_lines, run_benchmark,
                          scenarios, speedup_table, summarize, tune_lr, write_report)
@@ -91,6 +91,35 @@ def test_keeping_both_graphs_holds_a_second_forwards_activations():
     model = task.init(0)
     with PeakMemory() as forward, torch.no_grad(): task.loss(model, batch)
     assert peaks[True] > peaks[False] + 0.5 * forward.peak
+
+
+GRAPH_CASES = {   # guards over SGD steps whose own temporaries are small; each case's second step evaluates a candidate twice
+    # the larger step wins on this batch while the fallback's candidate is held (before any decision): a third forward
+    'LossGuard, the held candidate loses': (lambda ps: LossGuard(torch.optim.SGD(ps, lr=0.05), torch.optim.SGD(ps, lr=0.001), record=True),
+                                            'learned', 3),
+    # a huge learned step fails the gradient test: the fallback is evaluated after the learned candidate's gradient
+    'GradientGuard rejects': (lambda ps: GradientGuard(torch.optim.SGD(ps, lr=50.0), torch.optim.SGD(ps, lr=0.001), record=True), 'fallback', 2),
+    # the shadow run's forward and backward after the guarded step's
+    'LossGuard with the shadow run': (lambda ps: LossGuard(torch.optim.SGD(ps, lr=0.001), torch.optim.SGD(ps, lr=0.05), record=True,
+                                                           shadow=0.02), 'fallback', 3),
+}
+
+
+@pytest.mark.parametrize('case', list(GRAPH_CASES))
+def test_a_guarded_step_holds_one_graph_at_a_time(case):
+    "A graph that is done with goes before the next forward: a step's peak is the plain loop's, not two graphs' (the default LossGuard)"
+    make, choice, forwards = GRAPH_CASES[case]
+    task = mnist_cnn()
+    batch = next(task.batches(0))
+    model = task.init(0)
+    guard = make(list(model.parameters()))
+    guard.step(lambda: task.loss(model, batch))
+    with PeakMemory() as pm: guard.step(lambda: task.loss(model, batch))
+    assert (guard.history[-1]['choice'], guard.history[-1]['forward']) == (choice, forwards)
+    model = task.init(0)
+    with PeakMemory() as plain: task.loss(model, batch).backward()
+    with PeakMemory() as forward, torch.no_grad(): task.loss(model, batch)
+    assert pm.peak < plain.peak + 0.5 * forward.peak, (pm.peak, plain.peak, forward.peak)
 
 
 def test_same_seeds_same_table():
