@@ -27,8 +27,8 @@ __all__ = ['CHOICES', 'COMPARE_RULES', 'MU_SCHEMES', 'QUADRATIC_METHODS', 'ADVER
            'check_one_gradient_per_step', 'check_unsharded', 'all_finite', 'grad_norm', 'SavedPoint',
            'CandidateBuffers', 'snapshot_optimizer', 'restore_optimizer', 'ModuleBuffers', 'apply_effect',
            'recording_buffers', 'random_state', 'set_random_state', 'reloadable_graph', 'PairedForwards', 'ShadowRun',
-           'Guard', 'LossGuard', 'NaNProposer', 'graph_leaves', 'backward_to_other_leaves', 'GradientGuard',
-           'theorem1_lr', 'float64_quadratic', 'untrained_lstm', 'quadratic_run']
+           'Guard', 'LossGuard', 'NaNProposer', 'graph_leaves', 'other_leaves', 'backward_to_other_leaves',
+           'GradientGuard', 'theorem1_lr', 'float64_quadratic', 'untrained_lstm', 'quadratic_run']
 
 # %% ../nbs/02_guards.ipynb #3e2cd290
 CHOICES = ('learned', 'fallback')    # the two components, as `last_choice` and `counts` name them
@@ -968,10 +968,14 @@ def graph_leaves(loss: Tensor) -> list[Tensor]:
         stack.extend(n for n, _ in node.next_functions)
     return leaves
 
-def backward_to_other_leaves(loss: Tensor, params: list[Tensor]):
-    "Complete a speculative backward that reached only `params`: the other leaves get their gradient, as from loss.backward()"
+def other_leaves(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
+    "The leaves of `loss`'s graph that are not in `params`: what a speculative backward reaching only `params` leaves without a gradient"
     ours = {id(p) for p in params}
-    others = [t for t in graph_leaves(loss) if id(t) not in ours]
+    return [t for t in graph_leaves(loss) if id(t) not in ours]
+
+def backward_to_other_leaves(loss: Tensor, params: list[Tensor], others: list[Tensor] | None = None):
+    "Complete a speculative backward that reached only `params`: the other leaves (`others`, if already known) get their gradient, as from loss.backward()"
+    others = other_leaves(loss, params) if others is None else others
     if others: loss.backward(inputs=others)
 
 class GradientGuard(Guard):
@@ -1013,21 +1017,21 @@ class GradientGuard(Guard):
         return loss
 
     def _at_learned(self, closure, pair: PairedForwards) -> tuple:
-        "Loss (tensor and value) and gradient norm at theta_L on `closure`'s minibatch, its gradient in `p.grad` (nan norm if unusable)"
-        if not self._buf.finite('learned'): return None, math.nan, math.nan
+        "Loss (tensor and value), gradient norm at theta_L on `closure`'s minibatch (nan if unusable), and the graph's other leaves; its gradient in `p.grad`"
+        if not self._buf.finite('learned'): return None, math.nan, math.nan, []
         self._buf.load('learned')
         loss = pair.forward(closure, grad=True)
         value = self._loss_values(loss)[0]
-        if not math.isfinite(value): return loss, value, math.nan
-        ours = {id(p) for p in self._params}   # the graph is needed again only for other leaves, once theta_L is accepted
-        self._backward(loss, speculative=True, keep_graph=any(id(t) not in ours for t in graph_leaves(loss)))
-        return loss, value, grad_norm([p.grad for p in self._params if p.grad is not None])
+        if not math.isfinite(value): return loss, value, math.nan, []
+        others = other_leaves(loss, self._params)   # the graph is needed again only for these, once theta_L is accepted
+        self._backward(loss, speculative=True, keep_graph=bool(others))
+        return loss, value, grad_norm([p.grad for p in self._params if p.grad is not None]), others
 
     def _decide(self, closure, entry, decided: int, for_step: bool, want_loss: bool) -> Tensor | None:
         "Judge theta_L on `closure`'s minibatch; leave the parameters (and, for a step, the gradient) at the choice"
         mu, params, pair = self.mu, self._params, PairedForwards(self)
         grads = [p.grad for p in params]   # a decision that takes no step leaves the gradient as it found it
-        loss, loss_l, r = self._at_learned(closure, pair)
+        loss, loss_l, r, others = self._at_learned(closure, pair)
         loss_f, kept = math.nan, False
         if self.accepts(r):
             choice, kept = 'learned', for_step
@@ -1044,7 +1048,7 @@ class GradientGuard(Guard):
                 if for_step: self._backward(loss); kept = True
         if kept:
             pair.keep()
-            if choice == 'learned': backward_to_other_leaves(loss, params)
+            if choice == 'learned': backward_to_other_leaves(loss, params, others)
         else:
             pair.close()
             for p, g in zip(params, grads): p.grad = g
