@@ -32,7 +32,8 @@ from .tasks import (LeastSquaresTask, MLPFamily, NoisyQuadraticTask, QuadraticFa
 __all__ = ['OBJECTIVES', 'ESTIMATORS', 'TASKS', 'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'to_device', 'BatchStream',
            'meta_loss', 'Unroll', 'unroll_batch', 'unroll', 'detach_state', 'meta_vector', 'perturbed', 'perturbation',
            'forward_unroll', 'antithetic_estimate', 'make_task', 'MetaConfig', 'atomic_save', 'read_checkpoint',
-           'load_checkpoint', 'run_net', 'evaluate_net', 'instance_seeds', 'MetaTrainer', 'meta_train']
+           'load_checkpoint', 'run_net', 'evaluate_net', 'trajectory_length', 'instance_seeds', 'MetaTrainer',
+           'meta_train']
 
 # %% ../nbs/03_meta.ipynb #b508f042
 def to_device(obj, device):
@@ -262,7 +263,8 @@ class MetaConfig:
     task_config: dict = field(default_factory=dict)  # keyword arguments of the task
     meta_steps: int = 1000            # meta-gradient steps (one per truncation)
     unroll: int = 20                  # optimizee steps per truncation
-    trajectory: int = 100             # optimizee steps before the task is reset (state carried across truncations)
+    trajectory: int = 100             # optimizee steps before the task is reset (state carried across truncations); the longest with min_trajectory
+    min_trajectory: int | None = None # a truncation schedule: each trajectory's length drawn log-uniformly from [min_trajectory, trajectory]; None: all `trajectory`
     objective: str = 'sum'            # meta-objective, one of OBJECTIVES
     meta_split: str = 'train'         # 'train': train-by-train; 'valid' or 'test': train-by-validation on that split
     second_order: bool = False        # keep the optimizee's gradient in the graph (exact, slower)
@@ -296,6 +298,8 @@ class MetaConfig:
         for name in ('meta_steps', 'unroll', 'trajectory', 'tasks_per_step', 'eval_instances', 'perturbations'):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.min_trajectory is not None and not (isinstance(self.min_trajectory, int) and 1 <= self.min_trajectory <= self.trajectory):
+            raise ValueError(f"min_trajectory must be None or an integer from 1 to trajectory ({self.trajectory}), got {self.min_trajectory!r}")
         for name in ('checkpoint_every', 'eval_every'):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -402,6 +406,13 @@ class _Trajectory:
     meta_batches: BatchStream | None
     offset: float
     step: int = 0
+    length: int = 0          # optimizee steps this trajectory runs for
+
+def trajectory_length(seed: int, meta_step: int, shortest: int | None, longest: int) -> int:
+    "Steps of the trajectories that start after `meta_step` meta-steps: `longest`, or with `shortest` a log-uniform draw from [shortest, longest]"
+    if shortest is None or shortest == longest: return longest
+    u = np.random.SeedSequence([int(seed) % 2**63, int(meta_step), 2**31]).generate_state(1)[0] / 2**32   # a stream apart from instance_seeds'
+    return min(longest, max(shortest, round(math.exp(math.log(shortest) + u * (math.log(longest) - math.log(shortest))))))
 
 def instance_seeds(seed: int, meta_step: int, index: int) -> tuple[int, int, int]:
     "(task, init, batch) seeds of task instance `index` of the trajectories that start after `meta_step` meta-steps: independent of processes"
@@ -478,8 +489,8 @@ class MetaTrainer:
     def _sample(self, seed: int) -> Task:
         return self.task.sample(seed) if isinstance(self.task, TaskFamily) else self.task
 
-    def _start_trajectory(self, seeds: tuple, params=None, states=None, step=0, consumed=(0, 0)) -> _Trajectory:
-        "A trajectory from its three seeds; params, states and stream positions when restoring one"
+    def _start_trajectory(self, seeds: tuple, length: int, params=None, states=None, step=0, consumed=(0, 0)) -> _Trajectory:
+        "A trajectory of `length` steps from its three seeds; params, states and stream positions when restoring one"
         base = self._sample(seeds[0])
         task = self._device_task if self._device_task is not None else _task_on(base, self.device)
         params, states = to_device(base.params(seeds[1]) if params is None else params, self.device), to_device(states, self.device)
@@ -488,7 +499,7 @@ class MetaTrainer:
         split = self.config.meta_split
         meta = BatchStream(task, seeds[2] + 1, split, consumed[1], dev) if split != 'train' else None
         offset = float(getattr(task, 'optimum', 0.0)) if self.config.objective in ('log_final', 'log_mean') else 0.0
-        return _Trajectory(task, tuple(seeds), params, states, BatchStream(task, seeds[2], 'train', consumed[0], dev), meta, offset, step)
+        return _Trajectory(task, tuple(seeds), params, states, BatchStream(task, seeds[2], 'train', consumed[0], dev), meta, offset, step, length)
 
     def _new_trajectories(self) -> list[_Trajectory]:
         "This process's share of the task instances of trajectories starting now"
@@ -496,7 +507,9 @@ class MetaTrainer:
         else:
             first = self.rank * self.local_tasks if self.config.estimator == 'tbptt' else 0
             seeds = [instance_seeds(self.config.seed, self.step, first + i) for i in range(self.local_tasks)]
-        return [self._start_trajectory(s) for s in seeds]
+        # one length for all instances, the same on every process: they advance together, one all-reduce per truncation
+        length = trajectory_length(self.config.seed, self.step, self.config.min_trajectory, self.config.trajectory)
+        return [self._start_trajectory(s, length) for s in seeds]
 
     def _my_pairs(self) -> range:
         "This process's share of the antithetic pairs of a meta-step: pair u perturbs task instance u // perturbations"
@@ -580,7 +593,7 @@ class MetaTrainer:
             if cfg.estimator == 'pes': self.particles = self._new_particles()
         trs = self.trajs
         step = trs[0].step
-        steps = min(cfg.unroll, cfg.trajectory - step)
+        steps = min(cfg.unroll, trs[0].length - step)
         if cfg.estimator == 'tbptt':
             res = unroll_batch(self.net, [tr.task for tr in trs], [tr.params for tr in trs], [tr.states for tr in trs],
                                [tr.batches for tr in trs], steps, step, cfg.objective,
@@ -591,7 +604,7 @@ class MetaTrainer:
         for tr, r in zip(trs, res):
             tr.params, tr.states = detach_state(r.params, r.states)
             tr.step = r.step
-        if not ok or res[0].step >= cfg.trajectory: self.trajs = self.particles = None   # diverged or done: fresh trajectories next time
+        if not ok or res[0].step >= trs[0].length: self.trajs = self.particles = None   # diverged or done: fresh trajectories next time
         return grads, loss, ok
 
     def meta_step(self) -> dict:
@@ -642,6 +655,8 @@ class MetaTrainer:
         if self.out_dir is not None and self.step == 0 and is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / 'config.json').write_text(cfg.to_json())
+        if cfg.eval_every and self.step == 0 and not any('eval_loss' in r for r in self.history):
+            self._evaluate_and_keep_best()   # the starting net is a candidate: keep_best must never keep a net worse than it
         bar = tqdm(total=until, initial=self.step, disable=not (self.progress and is_main()), desc=f'meta-training {cfg.net}')
         while self.step < until:
             rec = self.meta_step()
@@ -664,7 +679,7 @@ class MetaTrainer:
     def _trajectory_records(self) -> list[dict] | None:
         "Every task instance's trajectory state as CPU tensors, in global order (collective under torchrun)"
         mine = None if self.trajs is None else [
-            {'seeds': list(tr.seeds), 'params': to_device(tr.params, 'cpu'), 'states': to_device(tr.states, 'cpu'), 'step': tr.step,
+            {'seeds': list(tr.seeds), 'length': tr.length, 'params': to_device(tr.params, 'cpu'), 'states': to_device(tr.states, 'cpu'), 'step': tr.step,
              'consumed': [tr.batches.consumed, tr.meta_batches.consumed if tr.meta_batches else 0]} for tr in self.trajs]
         if self.config.estimator != 'tbptt': return mine   # every process carries all instances
         shares = all_gather_objects(mine)
@@ -713,7 +728,8 @@ class MetaTrainer:
             raise ValueError(f"{path} holds {len(trajs)} trajectories but tasks_per_step is {self.config.tasks_per_step}")
         first = self.rank * self.local_tasks if self.config.estimator == 'tbptt' else 0
         mine = None if trajs is None else trajs[first:first + self.local_tasks]
-        self.trajs = None if mine is None else [self._start_trajectory(tuple(t['seeds']), t['params'], t['states'], t['step'], tuple(t['consumed']))
+        self.trajs = None if mine is None else [self._start_trajectory(tuple(t['seeds']), t.get('length', self.config.trajectory), t['params'], t['states'],
+                                                                       t['step'], tuple(t['consumed']))
                                                 for t in mine]
         est = ck.get('estimator') or {}
         self.draws = est.get('draws', self.step)

@@ -142,7 +142,7 @@ def test_several_tasks_per_step_average_the_meta_gradient():
     for i in range(2):
         single = MetaTrainer(MetaConfig(**{**CONFIG, 'tasks_per_step': 1}), progress=False)
         seeds = instance_seeds(config.seed, 0, i)
-        t = single._start_trajectory(seeds)
+        t = single._start_trajectory(seeds, config.trajectory)
         res = lgl2o.meta.unroll(single.net, t.task, t.params, t.states, t.batches, config.unroll)
         grads.append((torch.autograd.grad(res.meta_loss, list(single.net.parameters())), res.meta_loss.item()))
     for p, b, g0, g1 in zip(tr.net.parameters(), before, grads[0][0], grads[1][0]):

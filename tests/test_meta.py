@@ -10,7 +10,7 @@ import torch
 from conftest import NBS
 from lgl2o.learned import build_net
 from lgl2o.meta import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MetaConfig, MetaTrainer, atomic_save, evaluate_net, load_checkpoint,
-                        make_task, meta_loss, meta_train, read_checkpoint, unroll)
+                        make_task, meta_loss, meta_train, read_checkpoint, trajectory_length, unroll)
 from lgl2o.tasks import LeastSquaresTask, MLPFamily, QuadraticFamily, QuadraticTask, spirals
 
 
@@ -44,6 +44,10 @@ RESUME_CASES = {
     'es-lstm-quadratic-eval': (MetaConfig(net='lstm', net_config={'hidden': 6}, task='quadratic_family', task_config={'dims': [4, 6]},
                                           meta_steps=7, unroll=2, trajectory=5, eval_every=2, seed=5, estimator='es', perturbations=3,
                                           sigma=0.01), None),
+    # PES under a truncation schedule: each trajectory's own length, carried by the checkpoint
+    'pes-varied-lengths': (MetaConfig(net='mlp', meta_steps=9, unroll=2, trajectory=7, min_trajectory=2, seed=11, estimator='pes',
+                                      perturbations=2, sigma=0.05, eval_every=3),
+                           lambda: MLPFamily(data=spirals(n=96, n_test=32), widths=(4, 6), depths=(1, 2), batch_size=16)),
 }
 
 
@@ -73,7 +77,7 @@ def test_resume_equals_uninterrupted(case, tmp_path):
         assert (tmp_path / 'whole' / 'best.pt').exists() and whole.best == resumed.best
     if config.estimator == 'pes':   # the checkpoint at meta-step 4 was mid-trajectory: it held every pair's particles
         particles = read_checkpoint(tmp_path / 'part' / 'checkpoint.pt')['estimator']['particles']
-        assert [p['pair'] for p in particles] == list(range(4)) and all(p['xi'].abs().sum() > 0 for p in particles)
+        assert [p['pair'] for p in particles] == list(range(config.tasks_per_step * config.perturbations)) and all(p['xi'].abs().sum() > 0 for p in particles)
 
 
 def test_meta_train_resume_flag(tmp_path):
@@ -216,8 +220,44 @@ def test_evaluation_on_several_instances_and_a_chosen_split():
     assert math.isclose(got['eval_loss'], sum(r['eval_loss'] for r in runs) / 3, rel_tol=1e-12)
     assert got['eval_loss'] != default.evaluate()['eval_loss']                  # another split, other instances
     several.train()                                                             # keep-best by the new score
-    evals = [r['eval_loss'] for r in several.history if 'eval_loss' in r]
-    assert len(evals) == 2 and several.best == min(evals)
+    evals = [r for r in several.history if 'eval_loss' in r]
+    assert [r['step'] for r in evals] == [0, 2, 4] and several.best == min(r['eval_loss'] for r in evals)
+
+
+def test_keep_best_keeps_the_starting_net_when_meta_training_never_beats_it(tmp_path, monkeypatch):
+    config = MetaConfig(net='stepsize', net_config={'lr': 0.05}, task='quadratic', task_config={'dim': 4}, meta_steps=4, unroll=2,
+                        trajectory=4, lr=0.5, eval_every=2, seed=2)
+    tr = MetaTrainer(config, tmp_path, progress=False)
+    start = tr.net.log_lr.detach().clone()
+    scores = iter([1.0, 2.0, 3.0, 4.0])                   # the start scores best, every later net worse
+    monkeypatch.setattr(tr, 'evaluate', lambda: {'eval_loss': next(scores)})
+    tr.train()
+    assert [(r['step'], r['eval_loss']) for r in tr.history if 'eval_loss' in r] == [(0, 1.0), (2, 2.0), (4, 3.0)]
+    assert not torch.equal(tr.net.log_lr, start)       # meta-training moved the net ...
+    kept, info = load_checkpoint(tmp_path / 'best.pt')
+    assert info['step'] == 0 and torch.equal(kept.log_lr, start)   # ... and best.pt is the net it started from
+    tr.train(until=6)                                  # continuing a run does not evaluate the start again
+    assert [r['step'] for r in tr.history if 'eval_loss' in r] == [0, 2, 4, 6]
+
+
+def test_truncation_schedule_draws_each_trajectorys_length():
+    assert trajectory_length(0, 5, None, 1000) == 1000 and trajectory_length(0, 5, 1000, 1000) == 1000
+    draws = [trajectory_length(3, s, 10, 1000) for s in range(4000)]
+    assert draws == [trajectory_length(3, s, 10, 1000) for s in range(4000)]          # a function of (seed, meta-step)
+    assert 10 == min(draws) and 950 < max(draws) <= 1000
+    logs = torch.tensor(draws, dtype=torch.float64).log10()
+    assert abs(logs.mean().item() - 2.0) < 0.05 and abs((logs < 1.5).double().mean().item() - 0.25) < 0.03   # log-uniform on [1, 3]
+    config = MetaConfig(net='stepsize', task='quadratic', task_config={'dim': 4}, meta_steps=30, unroll=3, trajectory=12,
+                        min_trajectory=2, seed=1)
+    tr = MetaTrainer(config, progress=False)
+    started, new = [], tr._new_trajectories
+    tr._new_trajectories = lambda: started.append((tr.step, new())) or started[-1][1]
+    tr.train()
+    done = started[:-1]                                # the last may be cut short by the end of the run
+    lengths = [trajs[0].length for _, trajs in done]
+    assert lengths == [trajectory_length(1, step, 2, 12) for step, _ in done] and len(set(lengths)) > 2
+    assert [trajs[0].step for _, trajs in done] == lengths   # each ran exactly its own length, then a new one started
+    with pytest.raises(ValueError, match='min_trajectory must be'): MetaConfig(trajectory=10, min_trajectory=11)
 
 
 def test_cosine_meta_lr_schedule():
