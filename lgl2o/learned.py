@@ -411,7 +411,7 @@ class CeloNet(LearnedNet):
     def direction(self, x: Tensor, units: list[float] | None = None) -> Tensor:
         "The direction [N] of every coordinate: the base direction (features' row 1) plus the MLP's output; the features are `x` [F, N], row i times `units[i]` if given"
         inplace = not torch.is_grad_enabled()
-        first, rest = self.hidden_layers[0], self.hidden_layers[1:]
+        first, *rest = self.hidden_layers   # (a slice of a ModuleList is a new ModuleList, built at every call)
         # a row's scale rides on the first layer's small weight, and on the output's base row, not on N coordinates
         layers = [(first.weight if units is None else first.weight * x.new_tensor(units), first.bias.unsqueeze(1))]
         layers += [(l.weight, l.bias.unsqueeze(1)) for l in rest]
@@ -435,16 +435,17 @@ class CeloNet(LearnedNet):
         x = torch.cat([g.unsqueeze(0), m]) * torch.rsqrt(v + c * cfg['eps'] ** 2)   # the gradient and the momenta, over sqrt(v)
         units = [c ** 0.5] + [c ** 0.5 / (1 - d ** t) for d in cfg['decays']]   # each row times this: Adam's units
         matrix = [q.ndim >= 2 for q in params]
-        # the step sizes, the other tensors' with the factor that turns row 1 into Adam's direction and the minus sign
-        lr_matrix, lr_other = (self.step_scales(step) * g.new_tensor([cfg['lr'], -cfg['lr_1d'] * units[1]])).unbind()
+        # the step sizes: the learned schedule times constants that ride as Python numbers on the ops using them (no tensor
+        # to build and multiply every step), the other tensors' with the factor that turns row 1 into Adam's direction
+        schedule_matrix, schedule_other = self.step_scales(step).unbind()
         d = self.direction(x, units).split(sizes) if any(matrix) else [None] * len(params)
         new = []
         for q, di, adam, is_matrix in zip(params, d, x[1].split(sizes), matrix):
             if is_matrix:   # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
                 q2 = q if q.ndim == 2 else q.view(q.shape[0], -1)
-                step_q = newton_schulz(di.view(q2.shape), cfg['ns_steps'], scale=lr_matrix * -math.sqrt(max(q2.shape)), add_to=q2)
+                step_q = newton_schulz(di.view(q2.shape), cfg['ns_steps'], scale=schedule_matrix * (-cfg['lr'] * math.sqrt(max(q2.shape))), add_to=q2)
                 new.append(step_q if q.ndim == 2 else step_q.view(q.shape))
-            else: new.append(torch.addcmul(q, adam.view(q.shape), lr_other))
+            else: new.append(torch.addcmul(q, adam.view(q.shape), schedule_other, value=-cfg['lr_1d'] * units[1]))
         return new, [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
 
 
@@ -494,6 +495,8 @@ def _net_placement(net: LearnedNet) -> tuple:
 def check_placement(params: list[Tensor], net: LearnedNet):
     "Raise if a parameter's dtype or device differs from the net's: name both and the fix"
     dtype, device = _net_placement(net)
+    # the common case in one pass, as it runs every step: every parameter where the net is, in a dtype the nets run in
+    if dtype in (torch.float32, torch.float64) and all(p.dtype == dtype and p.device == device for p in params): return
     for i, p in enumerate(params):
         if p.is_complex():
             raise TypeError(f"parameter {i} is {p.dtype}: learned optimizers update real tensors; hold it as a real tensor with a "
@@ -512,7 +515,9 @@ def nonfinite_tensors(tensors: list[Tensor]) -> list[int]:
     "Indices of the tensors that hold a NaN or an infinity (of a sparse tensor: its stored values)"
     if not tensors: return []
     tensors = [t._values() if t.is_sparse else t for t in tensors]
-    def stacked(norms): return torch.stack([n.to(tensors[0].device) for n in norms])
+    device = tensors[0].device
+    one_device = all(t.device == device for t in tensors)   # then no copies to one device, each of which costs an op
+    def stacked(norms): return torch.stack(norms if one_device else [n.to(device) for n in norms])
     # A finite sum of 2-norms proves every entry finite, and it is the fastest check on CPU: the common
     # case costs one synchronisation. An infinite sum may be an overflow of huge finite entries, so the
     # verdict then comes from the max-abs per tensor, which cannot overflow and propagates NaN.
