@@ -2,6 +2,7 @@
 import math
 
 from conftest import NBS
+from lgl2o.pretrained import pretrained_info
 
 
 def test_stability_linear_optimizer_claims(run_notebook):
@@ -101,7 +102,9 @@ def test_celo2_claims(run_notebook):
     "The Celo2-style net: its cost is measured, every speed-up is computed and none of its runs diverges"
     _, r = run_notebook(NBS / 'papers' / 'celo2.ipynb')
     claims = list(_claims(r).values())
-    assert len(claims) == 4 and claims[0]['match'] == 'yes'
+    improved = pretrained_info('celo-mlpfamily')['summary']['best_eval_step'] > 0   # did any meta-step beat the start?
+    assert len(claims) == 4 and claims[0]['match'] == ('yes' if improved else 'partly')
+    assert ('the kept net is the start' in claims[0]['ours']) != improved
     assert 0 < r['cost_ratio'] < 10
     assert r['in_distribution'] and all(x['speedup'] > 0 and math.isfinite(x['final_loss']) for x in r['in_distribution'])
     assert r['scenarios'] and all(s['diverged'] == 0 and s['speedup'] > 0 for s in r['scenarios'])
