@@ -64,7 +64,7 @@ def _optional(kind):
     def parse(text: str):
         if text.lower() == 'none': return None
         try: return kind(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"must be a {kind.__name__} or 'none', got {text!r}") from None
+        except ValueError: raise argparse.ArgumentTypeError(f"must be {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__} or 'none', got {text!r}") from None
     parse.__name__ = f'{kind.__name__} or none'
     return parse
 

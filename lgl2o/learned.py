@@ -289,7 +289,7 @@ class StepSizeNet(LearnedNet):
                  per_tensor: bool = False,     # one eta per parameter tensor
                  n_tensors: int | None = None):  # number of parameter tensors (required when per_tensor)
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if per_tensor and not (isinstance(n_tensors, int) and n_tensors >= 1):
+        if per_tensor and not (isinstance(n_tensors, int) and not isinstance(n_tensors, bool) and n_tensors >= 1):
             raise ValueError(f"per_tensor=True needs n_tensors, the number of parameter tensors (an int >= 1), got {n_tensors!r}")
         if not per_tensor and n_tensors is not None: raise ValueError("n_tensors is only used with per_tensor=True")
         super().__init__(lr=lr, per_tensor=per_tensor, n_tensors=n_tensors)

@@ -278,14 +278,15 @@ class MetaConfig:
     clip_grad: float | None = 1.0     # clip the meta-gradient to this norm; None does not clip
     seed: int = 0                     # seeds the net's initialisation, the task sampling, inits and batches
     checkpoint_every: int = 0         # save a checkpoint every this many meta-steps (0: only at the end of `train`)
-    eval_every: int = 0               # evaluate on held-out task instances every this many meta-steps (0: never)
+    eval_every: int = 0               # evaluate on held-out task instances every this many meta-steps, and the starting net at meta-step 0 (0: never)
     eval_instances: int = 1           # held-out instances per evaluation, seeds seed+1 .. seed+eval_instances; the score is their mean
     eval_split: str | None = None     # split whose loss after the trajectory is the evaluation score; None: the task's default (MNIST: test)
-    keep_best: bool = True            # with evaluation, also save the best net so far as best.pt
+    keep_best: bool = True            # with evaluation, also save the best net so far (the starting net included) as best.pt
     tasks_per_step: int = 1           # task instances per meta-step over all processes (a multiple of the number of processes); the meta-gradient is their mean
     device: str = 'cpu'               # where unrolls run: 'cpu', 'cuda' or 'cuda:N' (under torchrun 'cuda' is each worker's GPU)
 
     def __post_init__(self):
+        def is_int(v): return isinstance(v, int) and not isinstance(v, bool)   # JSON's true is not a count
         if self.net not in NETS: raise ValueError(f"unknown net {self.net!r}; use one of {list(NETS)}")
         if self.task not in TASKS: raise ValueError(f"unknown task {self.task!r}; use one of {list(TASKS)}")
         if self.objective not in OBJECTIVES: raise ValueError(f"unknown objective {self.objective!r}; use one of {list(OBJECTIVES)}")
@@ -297,12 +298,12 @@ class MetaConfig:
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0): raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
         for name in ('meta_steps', 'unroll', 'trajectory', 'tasks_per_step', 'eval_instances', 'perturbations'):
             v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if self.min_trajectory is not None and not (isinstance(self.min_trajectory, int) and 1 <= self.min_trajectory <= self.trajectory):
+            if not (is_int(v) and v >= 1): raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.min_trajectory is not None and not (is_int(self.min_trajectory) and 1 <= self.min_trajectory <= self.trajectory):
             raise ValueError(f"min_trajectory must be None or an integer from 1 to trajectory ({self.trajectory}), got {self.min_trajectory!r}")
         for name in ('checkpoint_every', 'eval_every'):
             v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            if not (is_int(v) and v >= 0): raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.eval_split not in (None, 'train', 'valid', 'test'): raise ValueError(f"eval_split must be 'train', 'valid', 'test' or None, got {self.eval_split!r}")
         if self.lr_schedule not in ('constant', 'cosine'): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr!r}")

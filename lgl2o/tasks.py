@@ -158,7 +158,7 @@ class QuadraticTask(Task):
     seed: int = 0           # seed of H, b (the initial w has its own seed, given to `init`)
 
     def __post_init__(self):
-        if not (isinstance(self.dim, int) and self.dim >= 1): raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
+        if not (isinstance(self.dim, int) and not isinstance(self.dim, bool) and self.dim >= 1): raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
         _check_positive(scale=self.scale, init_std=self.init_std)
         if not (isinstance(self.condition, (int, float)) and self.condition >= 1): raise ValueError(f"condition must be >= 1, got {self.condition!r}")
         gen = generator(self.seed)

@@ -12,6 +12,7 @@ from lgl2o import GradientGuard, LearnedOptimizer, LossGuard, build_net, load_ch
 from lgl2o.cli import bench_main
 from lgl2o.learned import NETS, check_placement, restore_net
 from lgl2o.pretrained import load_net, net_record, save_net
+from lgl2o.tasks import QuadraticTask
 
 KINDS = list(NETS)
 
@@ -319,3 +320,9 @@ def test_bench_keeps_an_earlier_run(tmp_path):
     code, err = bench('--out', tmp_path, '--quiet')
     assert code == 2 and 'already holds an earlier run (steps.csv); pass --overwrite' in err and err.count('\n') == 1
     assert (tmp_path / 'steps.csv').read_text() == 'earlier results'
+
+
+def test_a_boolean_is_not_a_count():
+    "JSON's true and Python's True pass isinstance(x, int): every count refuses them"
+    with pytest.raises(ValueError, match='dim must be'): QuadraticTask(dim=True)
+    with pytest.raises(ValueError, match='n_tensors'): build_net('stepsize', per_tensor=True, n_tensors=True)

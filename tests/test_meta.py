@@ -258,6 +258,9 @@ def test_truncation_schedule_draws_each_trajectorys_length():
     assert lengths == [trajectory_length(1, step, 2, 12) for step, _ in done] and len(set(lengths)) > 2
     assert [trajs[0].step for _, trajs in done] == lengths   # each ran exactly its own length, then a new one started
     with pytest.raises(ValueError, match='min_trajectory must be'): MetaConfig(trajectory=10, min_trajectory=11)
+    with pytest.raises(ValueError, match='min_trajectory must be'): MetaConfig(trajectory=10, min_trajectory=True)   # JSON's true
+    with pytest.raises(ValueError, match='meta_steps must be'): MetaConfig(meta_steps=True)
+    with pytest.raises(ValueError, match='eval_every must be'): MetaConfig(eval_every=False)
 
 
 def test_cosine_meta_lr_schedule():
