@@ -14,12 +14,12 @@ import torch
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NS_COEFFICIENTS', 'CELO_CHUNK', 'NETS', 'LearnedNet', 'guard_grads', 'cat_views',
-           'flat_cat', 'split_coords', 'unflatten', 'check_update_args', 'lstm_preprocess', 'LSTMNet',
-           'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet', 'StepSizeNet', 'newton_schulz',
-           'CeloNet', 'build_net', 'restore_net', 'check_lr', 'check_placement', 'nonfinite_tensors',
-           'check_step_inputs', 'denormals_flushed', 'check_compile', 'compile_update', 'LearnedOptimizer',
-           'check_states']
+__all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NS_COEFFICIENTS', 'NS_GROUP_SIDE', 'CELO_CHUNK', 'NETS', 'LearnedNet', 'guard_grads',
+           'flat_guarded_grads', 'cat_views', 'flat_cat', 'split_coords', 'unflatten', 'check_update_args',
+           'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
+           'StepSizeNet', 'newton_schulz', 'newton_schulz_many', 'CeloNet', 'build_net', 'restore_net', 'check_lr',
+           'check_placement', 'nonfinite_tensors', 'check_step_inputs', 'denormals_flushed', 'check_compile',
+           'compile_update', 'LearnedOptimizer', 'check_states']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -47,6 +47,13 @@ GRAD_LIMIT = 1e15  # |g| is clipped here so that squares and sums of squares sta
 def guard_grads(g: Tensor) -> Tensor:
     "Gradients made safe for the nets' features: NaN -> 0, magnitudes clipped to `GRAD_LIMIT`"
     return torch.nan_to_num(g, nan=0.0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT).clamp(-GRAD_LIMIT, GRAD_LIMIT)
+
+def flat_guarded_grads(grads: list[Tensor]) -> Tensor:
+    "`guard_grads(flat_cat(grads))`, the vector [N] of every gradient; guarded in place when it is a fresh copy and no graph is recorded"
+    g = flat_cat(grads)
+    # flat_cat hands back the gradients' own storage when they are views of one flat buffer: only a copy may be overwritten
+    if torch.is_grad_enabled() or g.data_ptr() == grads[0].data_ptr(): return guard_grads(g)
+    return g.clamp_(-GRAD_LIMIT, GRAD_LIMIT).nan_to_num_(0.0)   # clamp keeps a NaN, which then becomes 0: guard_grads' result
 
 def cat_views(chunks: list[Tensor], dim: int = 0) -> Tensor:
     "`torch.cat(chunks, dim)`, but free when the chunks are, in order, all of the one tensor they are views of"
@@ -125,7 +132,7 @@ class LSTMNet(LearnedNet):
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
         sizes, layers = [p.numel() for p in params], range(self.config['layers'])
-        x = lstm_preprocess(guard_grads(flat_cat(grads)), self.config['preproc']).T          # [2, N]
+        x = lstm_preprocess(flat_guarded_grads(grads), self.config['preproc']).T          # [2, N]
         gather = lambda k: cat_views([s[k] for s in states], 1)
         hs, cs = self.cell(x, [gather(f'h{l}') for l in layers], [gather(f'c{l}') for l in layers])
         delta = self.config['scale'] * torch.addmm(self.head.bias[:, None], self.head.weight, hs[-1])[0]
@@ -209,7 +216,7 @@ class MLPNet(LearnedNet):
     def features(self, params, grads, states):
         "Normalised features [F, N], flat g and p, momenta m [K, N], second moment v [N], and the new states"
         cfg, sizes = self.config, tuple(p.numel() for p in params)
-        g, p = guard_grads(flat_cat(grads)), flat_cat(params)
+        g, p = flat_guarded_grads(grads), flat_cat(params)
         m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays[:, None])  # beta*m + (1-beta)*g
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         rs = torch.rsqrt(v + cfg['eps'])
@@ -355,6 +362,37 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7,
     return torch.addmm(add_to, poly, y) if wide else torch.addmm(add_to, x, poly.T)
 
 
+# %% ../nbs/01_learned.ipynb #c6cf056e
+NS_GROUP_SIDE = 64   # matrices whose short side is at most this share one block-diagonal polynomial in newton_schulz_many
+
+def _unit_short_side(x: Tensor, eps: float) -> tuple[Tensor, bool]:
+    "`x`, or its transpose if it is tall, divided by its Frobenius norm; and whether it was wide"
+    wide = x.shape[0] <= x.shape[1]
+    flat = x.reshape(-1)
+    y = x * torch.rsqrt(torch.dot(flat, flat) + eps * eps)
+    return (y if wide else y.T), wide
+
+def newton_schulz_many(xs: list[Tensor], steps: int = 5, eps: float = 1e-7,
+                       scales: list | None = None,    # per matrix: a number, a 0-d tensor or None (see newton_schulz's scale)
+                       add_to: list | None = None     # per matrix: a tensor shaped like it, or None
+                      ) -> list[Tensor]:
+    "`newton_schulz` of each matrix in `xs`, with the small ones' polynomials computed at once, of their block-diagonal Gram matrix"
+    scales, add_to = scales or [None] * len(xs), add_to or [None] * len(xs)
+    small = [i for i, x in enumerate(xs) if min(x.shape) <= NS_GROUP_SIDE]
+    out = [None] * len(xs)
+    if len(small) > 1:
+        units = [_unit_short_side(xs[i], eps) for i in small]
+        grams = [y @ y.T for y, _ in units]
+        poly, at = _ns_polynomial(torch.block_diag(*grams), steps), 0
+        for i, (y, wide), gram in zip(small, units, grams):
+            p, at = poly[at:at + len(gram), at:at + len(gram)], at + len(gram)
+            scale = scales[i]
+            if isinstance(scale, Tensor): p, scale = p * scale, None   # a tensor (perhaps with a gradient) rides on the small P
+            alpha = 1.0 if scale is None else scale
+            if add_to[i] is None: out[i] = (p @ y if wide else y.T @ p.T) * alpha
+            else: out[i] = torch.addmm(add_to[i], p, y, alpha=alpha) if wide else torch.addmm(add_to[i], y.T, p.T, alpha=alpha)
+    return [o if o is not None else newton_schulz(x, steps, eps, scale=s, add_to=a) for o, x, s, a in zip(out, xs, scales, add_to)]
+
 # %% ../nbs/01_learned.ipynb #a3596e47
 # Coordinates per block of CeloNet's MLP: with 8 hidden units a block's activations are 8 x 16k floats (512 KiB), which
 # stay in a core's L2 cache from layer to layer. Timed alone on the MNIST MLP's 16k coordinates, one such block took 150 us
@@ -402,11 +440,19 @@ class CeloNet(LearnedNet):
     def init_state(self, params):
         return [{'m': p.new_zeros(len(self.decays), p.numel()), 'v': p.new_zeros(p.numel())} for p in params]
 
+    def _embedding(self, step: int) -> list[float]:
+        "k (1, tanh(t / tau_1), ...), k = `schedule_mult`: what the rows of `log_lr` are dotted with at step t"
+        k = self.config['schedule_mult']
+        return [k] + [k * math.tanh(float(step) / tau) for tau in self.config['timescales']]
+
     def step_scales(self, step: int) -> Tensor:
         "The learned multipliers exp(k (b + sum_i w_i tanh(t / tau_i))), k = `schedule_mult`, of the matrices' and the other tensors' step sizes at `step`"
-        k = self.config['schedule_mult']   # the embedding, times k, in Python numbers: one small tensor and one product per step
-        embed = self.log_lr.new_tensor([k] + [k * math.tanh(float(step) / tau) for tau in self.config['timescales']])
-        return torch.exp((self.log_lr @ embed).clamp(-20.0, 20.0))
+        return torch.exp((self.log_lr @ self.log_lr.new_tensor(self._embedding(step))).clamp(-20.0, 20.0))
+
+    def step_scale_numbers(self, step: int) -> list[float]:
+        "`step_scales(step)` as two Python numbers, computed without tensor ops (for updates that record no graph)"
+        embed = self._embedding(step)
+        return [math.exp(min(max(sum(w * e for w, e in zip(row, embed)), -20.0), 20.0)) for row in self.log_lr.tolist()]
 
     def direction(self, x: Tensor, units: list[float] | None = None) -> Tensor:
         "The direction [N] of every coordinate: the base direction (features' row 1) plus the MLP's output; the features are `x` [F, N], row i times `units[i]` if given"
@@ -419,35 +465,46 @@ class CeloNet(LearnedNet):
         for xc in x.split(CELO_CHUNK, 1) if x.shape[1] > CELO_CHUNK else (x,):   # blocks that stay in cache from layer to layer
             h = xc
             for w, b in layers: h = torch.addmm(b, w, h).relu_() if inplace else torch.addmm(b, w, h).relu()
-            outs.append(torch.addmm(xc[1:2], self.output.weight, h, beta=1.0 if units is None else units[1]))
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0] + self.output.bias
+            out = torch.addmm(xc[1:2], self.output.weight, h, beta=1.0 if units is None else units[1])
+            outs.append(out.add_(self.output.bias) if inplace else out + self.output.bias)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0]
 
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
         cfg, sizes, t = self.config, tuple(p.numel() for p in params), step + 1
-        g = guard_grads(flat_cat(grads))
+        no_graph = not torch.is_grad_enabled()   # then the ops may write into the tensors they have just made
+        g = flat_guarded_grads(grads)
         m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays.unsqueeze(1))   # beta m + (1 - beta) g
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
         # Adam's 1 / (sqrt(v_hat) + eps), nearly, is rsqrt(v / c + eps^2) = sqrt(c) rsqrt(v + c eps^2), c = 1 - beta2^t; the factor
         # sqrt(c) and the momenta's bias corrections are constants per feature row: they ride on the first layer's small weight
         # and on the one row that needs them, instead of on every coordinate of every feature
         c = 1 - cfg['beta2'] ** t
-        x = torch.cat([g.unsqueeze(0), m]) * torch.rsqrt(v + c * cfg['eps'] ** 2)   # the gradient and the momenta, over sqrt(v)
+        x = self._features(g, m, v, c * cfg['eps'] ** 2, no_graph)   # the gradient and the momenta, over sqrt(v)
         units = [c ** 0.5] + [c ** 0.5 / (1 - d ** t) for d in cfg['decays']]   # each row times this: Adam's units
-        matrix = [q.ndim >= 2 for q in params]
-        # the step sizes: the learned schedule times constants that ride as Python numbers on the ops using them (no tensor
-        # to build and multiply every step), the other tensors' with the factor that turns row 1 into Adam's direction
-        schedule_matrix, schedule_other = self.step_scales(step).unbind()
-        d = self.direction(x, units).split(sizes) if any(matrix) else [None] * len(params)
-        new = []
-        for q, di, adam, is_matrix in zip(params, d, x[1].split(sizes), matrix):
-            if is_matrix:   # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
-                q2 = q if q.ndim == 2 else q.view(q.shape[0], -1)
-                step_q = newton_schulz(di.view(q2.shape), cfg['ns_steps'], scale=schedule_matrix * (-cfg['lr'] * math.sqrt(max(q2.shape))), add_to=q2)
-                new.append(step_q if q.ndim == 2 else step_q.view(q.shape))
-            else: new.append(torch.addcmul(q, adam.view(q.shape), schedule_other, value=-cfg['lr_1d'] * units[1]))
+        # the step sizes: the learned schedule (Python numbers when no graph is recorded) times constants that ride on the
+        # ops using them, the other tensors' with the factor that turns row 1 into Adam's direction
+        schedule_matrix, schedule_other = self.step_scale_numbers(step) if no_graph else self.step_scales(step).unbind()
+        matrices = [i for i, q in enumerate(params) if q.ndim >= 2]
+        new = [None] * len(params)
+        if matrices:
+            d = self.direction(x, units).split(sizes)
+            as_2d = [params[i].view(params[i].shape[0], -1) for i in matrices]
+            # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
+            steps = newton_schulz_many([d[i].view(q.shape) for i, q in zip(matrices, as_2d)], cfg['ns_steps'],
+                                       scales=[schedule_matrix * (-cfg['lr'] * math.sqrt(max(q.shape))) for q in as_2d], add_to=as_2d)
+            for i, s in zip(matrices, steps): new[i] = s.view(params[i].shape)
+        for i, (q, adam) in enumerate(zip(params, x[1].split(sizes))):
+            if new[i] is None: new[i] = _scaled_sum(q, adam.view(q.shape), schedule_other * (-cfg['lr_1d'] * units[1]))
         return new, [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
 
+    def _features(self, g: Tensor, m: Tensor, v: Tensor, eps2: float, no_graph: bool) -> Tensor:
+        "[g; m] * rsqrt(v + eps2), [F, N]; with no graph, written straight into one new tensor (no concatenated copy)"
+        if not no_graph: return torch.cat([g.unsqueeze(0), m]) * torch.rsqrt(v + eps2)
+        r = torch.add(v, eps2).rsqrt_()
+        x = g.new_empty(len(m) + 1, len(g))
+        torch.mul(g, r, out=x[0]); torch.mul(m, r, out=x[1:])
+        return x
 
 # %% ../nbs/01_learned.ipynb #908de746
 NETS = {'lstm': LSTMNet, 'mlp': MLPNet, 'nominal': NominalNet, 'stepsize': StepSizeNet, 'celo': CeloNet}
