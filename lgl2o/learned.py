@@ -489,7 +489,8 @@ class CeloNet(LearnedNet):
         new = [None] * len(params)
         if matrices:
             d = self.direction(x, units).split(sizes)
-            as_2d = [params[i].view(params[i].shape[0], -1) for i in matrices]
+            # rows x the rest (a copy only for a layout rows cannot be viewed in, e.g. a channels_last convolution's weight)
+            as_2d = [params[i].reshape(params[i].shape[0], math.prod(params[i].shape[1:])) for i in matrices]
             # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
             steps = newton_schulz_many([d[i].view(q.shape) for i, q in zip(matrices, as_2d)], cfg['ns_steps'],
                                        scales=[schedule_matrix * (-cfg['lr'] * math.sqrt(max(q.shape))) for q in as_2d], add_to=as_2d)

@@ -131,3 +131,23 @@ def test_update_equals_the_plain_reference_on_a_real_model():
     states = ref_states = net.init_state(odd)
     for step in range(3):
         _, states, ref_states = assert_same_update(net, odd, [torch.randn(p.shape, generator=gen) for p in odd], states, ref_states, step)
+
+
+def test_channels_last_convolutions_train_as_contiguous_ones():
+    "A CNN in channels_last memory format, stepped by the shipped net as in a plain loop, matches the same CNN in the default format"
+    def cnn(): return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    torch.manual_seed(0)
+    plain, x, y = cnn(), torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1])
+    last = cnn().to(memory_format=torch.channels_last)
+    last.load_state_dict(plain.state_dict())
+    assert last[0].weight.is_contiguous(memory_format=torch.channels_last) and not last[0].weight.is_contiguous()
+    runs = []
+    for model, inputs in ((plain, x), (last, x.to(memory_format=torch.channels_last))):
+        opt = LearnedOptimizer(model.parameters(), load_pretrained(NAME))
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs), y).backward()
+            opt.step()
+        runs.append(model)
+    assert last[0].weight.is_contiguous(memory_format=torch.channels_last)   # the step kept the model's layout
+    for a, b in zip(*(r.parameters() for r in runs)): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
