@@ -52,7 +52,7 @@ def flat_guarded_grads(grads: list[Tensor]) -> Tensor:
     "`guard_grads(flat_cat(grads))`, the vector [N] of every gradient; guarded in place when it is a fresh copy and no graph is recorded"
     g = flat_cat(grads)
     # flat_cat hands back the gradients' own storage when they are views of one flat buffer: only a copy may be overwritten
-    if torch.is_grad_enabled() or g.data_ptr() == grads[0].data_ptr(): return guard_grads(g)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or g.data_ptr() == grads[0].data_ptr(): return guard_grads(g)
     return g.clamp_(-GRAD_LIMIT, GRAD_LIMIT).nan_to_num_(0.0)   # clamp keeps a NaN, which then becomes 0: guard_grads' result
 
 def cat_views(chunks: list[Tensor], dim: int = 0) -> Tensor:
@@ -472,7 +472,8 @@ class CeloNet(LearnedNet):
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
         cfg, sizes, t = self.config, tuple(p.numel() for p in params), step + 1
-        no_graph = not torch.is_grad_enabled()   # then the ops may write into the tensors they have just made
+        # no graph recorded (and not compiled, where the tensor ops fuse): the ops may write into the tensors they have just made
+        no_graph = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         g = flat_guarded_grads(grads)
         m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays.unsqueeze(1))   # beta m + (1 - beta) g
         v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
