@@ -338,6 +338,13 @@ def _scaled_sum(add_to: Tensor | None, y: Tensor, scale) -> Tensor:
     if scale is None: return add_to + y
     return torch.addcmul(add_to, y, scale) if isinstance(scale, Tensor) else torch.add(add_to, y, alpha=scale)
 
+def _unit_short_side(x: Tensor, eps: float) -> tuple[Tensor, bool]:
+    "`x`, or its transpose if it is tall, divided by its Frobenius norm; and whether it was wide"
+    wide = x.shape[0] <= x.shape[1]
+    flat = x.reshape(-1)
+    y = x * torch.rsqrt(torch.dot(flat, flat) + eps * eps)
+    return (y if wide else y.T), wide
+
 def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7,
                   scale: float | Tensor | None = None,   # multiply the result by this ...
                   add_to: Tensor | None = None) -> Tensor:   # ... and add it to this tensor shaped like x (an update in the same op)
@@ -346,7 +353,7 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7,
     wide = x.shape[0] <= x.shape[1]
     y = x if wide else x.T                          # iterate on the short side: the Gram matrix y y^T is min(m, n) square
     if y.shape[1] < 4 * y.shape[0]:                 # nearly square: iterate on y itself
-        y = y * torch.rsqrt((y * y).sum() + eps * eps)   # Frobenius norm 1: singular values in [0, 1] (and a gradient at 0)
+        y, _ = _unit_short_side(x, eps)             # Frobenius norm 1: singular values in [0, 1] (and a gradient at 0)
         for _ in range(steps):
             gram = y @ y.T
             y = torch.addmm(y, torch.addmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)   # a y + (b G + c G^2) y
@@ -364,13 +371,6 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7,
 
 # %% ../nbs/01_learned.ipynb #c6cf056e
 NS_GROUP_SIDE = 64   # matrices whose short side is at most this share one block-diagonal polynomial in newton_schulz_many
-
-def _unit_short_side(x: Tensor, eps: float) -> tuple[Tensor, bool]:
-    "`x`, or its transpose if it is tall, divided by its Frobenius norm; and whether it was wide"
-    wide = x.shape[0] <= x.shape[1]
-    flat = x.reshape(-1)
-    y = x * torch.rsqrt(torch.dot(flat, flat) + eps * eps)
-    return (y if wide else y.T), wide
 
 def newton_schulz_many(xs: list[Tensor], steps: int = 5, eps: float = 1e-7,
                        scales: list | None = None,    # per matrix: a number, a 0-d tensor or None (see newton_schulz's scale)
