@@ -81,8 +81,10 @@ def _dense_values(g: Tensor) -> Tensor: return g.coalesce().values() if g.is_spa
 
 def grad_norm(grads: list[Tensor]) -> float:
     "The Euclidean norm of a list of tensors taken as one vector (sparse tensors count each coordinate once)"
-    grads = [_dense_values(g) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() if grads else 0.0
+    if not grads: return 0.0
+    norms = torch._foreach_norm([_dense_values(g) for g in grads])
+    # a model split over devices (a CPU embedding beside CUDA layers) has its norms there too: they meet on one device
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])).item()
 
 # %% ../nbs/02_guards.ipynb #d2def63d
 class SavedPoint:
