@@ -30,6 +30,9 @@ from lgl2o.learned import build_net
 from lgl2o.meta import MetaConfig, MetaTrainer, load_checkpoint
 from lgl2o.tasks import MLPTask, seeded, spirals
 
+from test_training_loop import (assert_same_state, assert_same_tensors, guarded_run, mse, plain_run,   # the reference loop
+                                sparse_embedding_beside)
+
 DEVICE = os.environ.get('LGL2O_TEST_DEVICE', 'cuda')
 DEVICE_TYPE = torch.device(DEVICE).type
 ON_CUDA = DEVICE_TYPE == 'cuda'
@@ -81,11 +84,6 @@ def regression_batches(n=10, batch=16, d=4, seed=0, device=DEVICE):
     return to([(torch.randn(batch, d, generator=g), torch.randn(batch, 1, generator=g)) for _ in range(n)], device)
 
 
-def mse(model, batch):
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
-
-
 def small_net(seed=0, bn=True, dropout=0.3, device=DEVICE):
     "Initialised on the CPU from a seed, then moved: the same weights on every device"
     torch.manual_seed(seed)
@@ -98,42 +96,31 @@ SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-
 ADAM = functools.partial(torch.optim.Adam, lr=0.01)
 
 
-def plain_run(model, opt, batches, loss=mse):
-    "The reference loop"
-    for b in batches:
-        opt.zero_grad()
-        loss(model, b).backward()
-        opt.step()
-
-
-def guarded_run(model, guard, batches, loss=mse):
-    for b in batches: guard.step(lambda: loss(model, b))
-
-
 def same_twice(make_opt, model, guard_cls=LossGuard, **guard_kw):
     "A guard over two copies of one optimizer: it must behave as that optimizer alone"
     return guard_cls(make_opt(model.parameters()), make_opt(model.parameters()), **guard_kw)
 
 
-def assert_same_tensors(a, b, exact=True):
-    a, b = list(a), list(b)
-    assert len(a) == len(b)
-    for s, t in zip(a, b):
-        if s is None or t is None: assert s is None and t is None; continue
-        assert s.device == t.device
-        if s.is_sparse: s, t = s.to_dense(), t.to_dense()
-        if exact: assert torch.equal(s, t), (s - t).abs().max()
-        else: torch.testing.assert_close(s, t)
-
-
-def assert_same_state(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].keys() == b[k].keys()
-        for kk in a[k]: assert torch.equal(torch.as_tensor(a[k][kk]), torch.as_tensor(b[k][kk])), (k, kk)
-
-
 def grads(model): return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def follows_the_plain_loop(make_model, make_opt, guard_cls, batches, loss=mse, seed=7, **guard_kw):
+    """The plain loop and a guard over `make_opt` twice, each on its own model and from the same random state: both
+    random states, parameters, buffers, gradients and the optimizer's state are bit-identical afterwards"""
+    plain, guarded = make_model(), make_model()
+    torch.manual_seed(seed)   # seeds the CPU and every CUDA device
+    opt = make_opt(plain.parameters())
+    plain_run(plain, opt, batches, loss=loss)
+    after_plain = rng_states()
+    torch.manual_seed(seed)
+    guard = same_twice(make_opt, guarded, guard_cls, **guard_kw)
+    guarded_run(guarded, guard, batches, loss=loss)
+    assert_same_rng(after_plain, rng_states())
+    assert_same_tensors(plain.parameters(), guarded.parameters())
+    assert_same_tensors(plain.buffers(), guarded.buffers())
+    assert_same_tensors(grads(plain), grads(guarded))
+    assert_same_state(opt.state_dict()['state'], guard.fallback.state_dict()['state'])
+    return guarded, guard
 
 
 def everything(model, guard) -> dict:
@@ -189,21 +176,9 @@ def test_guard_follows_the_plain_loop_on_the_device(guard_cls, compare, make_opt
     states are bit-identical to the plain loop's. The dropout masks come from the device's generator, so this checks
     that the guard saves and restores it around its extra forwards."""
     batches = regression_batches(10)
-    plain, guarded = small_net(), small_net()
+    guarded, guard = follows_the_plain_loop(small_net, make_opt, guard_cls, batches, compare=compare, shadow=shadow, record=True)
     assert next(guarded.parameters()).device == dev()
-    torch.manual_seed(7)   # seeds the CPU and every CUDA device
-    opt = make_opt(plain.parameters())
-    plain_run(plain, opt, batches)
-    after_plain = rng_states()
-    torch.manual_seed(7)
-    guard = same_twice(make_opt, guarded, guard_cls, compare=compare, shadow=shadow, record=True)
-    guarded_run(guarded, guard, batches)
-    assert_same_rng(after_plain, rng_states())
-    assert_same_tensors(plain.parameters(), guarded.parameters())
-    assert_same_tensors(plain.buffers(), guarded.buffers())
     assert guarded[1].num_batches_tracked.item() == len(batches)
-    assert_same_tensors(grads(plain), grads(guarded))
-    assert_same_state(opt.state_dict()['state'], guard.fallback.state_dict()['state'])
     assert all(t.device == dev() for s in guard.fallback.state.values() for k, t in s.items() if k != 'step')
     assert sum(guard.counts.values()) == len(batches) - (compare == 'next')
     if guard_cls is LossGuard:   # equal candidates under the same dropout masks: bit-equal losses, the tie goes to the fallback
@@ -221,25 +196,12 @@ AMP = [pytest.param(torch.bfloat16, id='bfloat16'), pytest.param(torch.float16, 
 @pytest.mark.parametrize('guard_cls', GUARDS)
 def test_autocast_inside_the_closure_follows_the_plain_loop(guard_cls, dtype, shadow):
     "torch.autocast(DEVICE) inside the closure (no scaler): bit-identical to the plain loop with the same closure"
-    batches = regression_batches(8)
-    plain, guarded = small_net(), small_net()
     def amp_loss(model, b):
         with torch.autocast(DEVICE_TYPE, dtype=dtype):
             out = model(b[0])
             assert out.dtype == dtype   # autocast is on for this device
             return nn.functional.mse_loss(out.float(), b[1])
-    torch.manual_seed(3)
-    opt = ADAM(plain.parameters())
-    plain_run(plain, opt, batches, loss=amp_loss)
-    after_plain = rng_states()
-    torch.manual_seed(3)
-    guard = same_twice(ADAM, guarded, guard_cls, shadow=shadow)
-    guarded_run(guarded, guard, batches, loss=amp_loss)
-    assert_same_rng(after_plain, rng_states())
-    assert_same_tensors(plain.parameters(), guarded.parameters())
-    assert_same_tensors(plain.buffers(), guarded.buffers())
-    assert_same_tensors(grads(plain), grads(guarded))
-    assert_same_state(opt.state_dict()['state'], guard.fallback.state_dict()['state'])
+    follows_the_plain_loop(small_net, ADAM, guard_cls, regression_batches(8), loss=amp_loss, seed=3, shadow=shadow)
 
 
 @pytest.mark.parametrize('dtype', AMP)
@@ -397,21 +359,7 @@ def test_sparse_embedding_on_the_device_follows_the_plain_loop(shadow):
 @pytest.mark.parametrize('guard_cls', GUARDS)
 def test_a_sparse_embedding_beside_the_guard_gets_its_gradient_as_in_the_plain_loop(guard_cls):
     "SparseAdam on a device embedding outside the guard, a guarded dense head: the embedding follows the plain loop exactly"
-    def run(guarded):
-        torch.manual_seed(0)
-        emb, head = nn.Embedding(10, 4, sparse=True).to(DEVICE), nn.Linear(4, 1).to(DEVICE)
-        sparse_opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
-        make = functools.partial(torch.optim.SGD, lr=0.1)
-        dense = guard_cls(make(head.parameters()), make(head.parameters())) if guarded else make(head.parameters())
-        idx, y = torch.tensor([1, 2, 3], device=DEVICE), torch.ones(3, 1, device=DEVICE)
-        for _ in range(3):
-            closure = lambda: nn.functional.mse_loss(head(emb(idx)), y)
-            sparse_opt.zero_grad()
-            if guarded: dense.step(closure)
-            else: dense.zero_grad(); closure().backward(); dense.step()
-            sparse_opt.step()
-        return emb.weight.detach(), head.weight.detach()
-    plain, guarded = run(False), run(True)
+    plain, guarded = sparse_embedding_beside(guard_cls, DEVICE)
     assert torch.equal(plain[0], guarded[0])   # distinct indices: no accumulation order to differ
     if guard_cls is LossGuard: assert torch.equal(plain[1], guarded[1])
 
@@ -443,21 +391,8 @@ class SplitNet(nn.Module):
 
 
 def split_run(guard_cls, shadow):
-    batches = regression_batches(8, device='cpu')
     loss = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1].to(DEVICE))
-    plain, guarded = SplitNet(), SplitNet()
-    torch.manual_seed(5)
-    opt = SGD(plain.parameters())
-    plain_run(plain, opt, batches, loss=loss)
-    after_plain = rng_states()
-    torch.manual_seed(5)
-    guard = same_twice(SGD, guarded, guard_cls, shadow=shadow)
-    guarded_run(guarded, guard, batches, loss=loss)
-    assert_same_rng(after_plain, rng_states())
-    assert_same_tensors(plain.parameters(), guarded.parameters())
-    assert_same_tensors(plain.buffers(), guarded.buffers())
-    assert_same_tensors(grads(plain), grads(guarded))
-    assert_same_state(opt.state_dict()['state'], guard.fallback.state_dict()['state'])
+    follows_the_plain_loop(SplitNet, SGD, guard_cls, regression_batches(8, device='cpu'), loss=loss, seed=5, shadow=shadow)
 
 
 @pytest.mark.parametrize(**RULES)

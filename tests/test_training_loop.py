@@ -64,6 +64,7 @@ def assert_same_tensors(a, b, exact=True):
     assert len(a) == len(b)
     for s, t in zip(a, b):
         if s is None or t is None: assert s is None and t is None; continue
+        assert s.device == t.device
         if s.is_sparse: s, t = s.to_dense(), t.to_dense()
         if exact: assert torch.equal(s, t), (s - t).abs().max()
         else: torch.testing.assert_close(s, t)
@@ -634,16 +635,15 @@ def test_parameters_renormalised_inside_the_forward_follow_the_plain_loop():
     assert torch.equal(run(True), run(False))
 
 
-@pytest.mark.parametrize('guard_cls', GUARDS)
-def test_leaves_outside_the_guard_get_their_gradient_as_in_the_plain_loop(guard_cls):
-    "A sparse embedding trained by SparseAdam beside a guarded head, and an input gradient (saliency, FGSM)"
+def sparse_embedding_beside(guard_cls, device='cpu'):
+    "A SparseAdam embedding beside a head under `guard_cls` over SGD twice, and the plain loop: both runs' embedding and head weights"
     def run(guarded):
         torch.manual_seed(0)
-        emb, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1)
+        emb, head = nn.Embedding(10, 4, sparse=True).to(device), nn.Linear(4, 1).to(device)
         sparse_opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1)
         make = functools.partial(torch.optim.SGD, lr=0.1)
         dense = guard_cls(make(head.parameters()), make(head.parameters())) if guarded else make(head.parameters())
-        idx, y = torch.tensor([1, 2, 3]), torch.ones(3, 1)
+        idx, y = torch.tensor([1, 2, 3], device=device), torch.ones(3, 1, device=device)
         for _ in range(3):
             closure = lambda: nn.functional.mse_loss(head(emb(idx)), y)
             sparse_opt.zero_grad()
@@ -651,7 +651,13 @@ def test_leaves_outside_the_guard_get_their_gradient_as_in_the_plain_loop(guard_
             else: dense.zero_grad(); closure().backward(); dense.step()
             sparse_opt.step()
         return emb.weight.detach(), head.weight.detach()
-    plain, guarded = run(False), run(True)
+    return run(False), run(True)
+
+
+@pytest.mark.parametrize('guard_cls', GUARDS)
+def test_leaves_outside_the_guard_get_their_gradient_as_in_the_plain_loop(guard_cls):
+    "A sparse embedding trained by SparseAdam beside a guarded head, and an input gradient (saliency, FGSM)"
+    plain, guarded = sparse_embedding_beside(guard_cls)
     assert torch.equal(plain[0], guarded[0])
     if guard_cls is LossGuard: assert torch.equal(plain[1], guarded[1])
     x = torch.randn(4, 3, requires_grad=True)
