@@ -19,7 +19,7 @@ import torch.distributed
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .learned import LearnedOptimizer, build_net, nonfinite_tensors
+from .learned import LearnedOptimizer, build_net, nonfinite_tensors, stack_on_one_device
 from .tasks import QuadraticTask, seeded
 
 # %% auto #0
@@ -82,9 +82,8 @@ def _dense_values(g: Tensor) -> Tensor: return g.coalesce().values() if g.is_spa
 def grad_norm(grads: list[Tensor]) -> float:
     "The Euclidean norm of a list of tensors taken as one vector (sparse tensors count each coordinate once)"
     if not grads: return 0.0
-    norms = torch._foreach_norm([_dense_values(g) for g in grads])
-    # a model split over devices (a CPU embedding beside CUDA layers) has its norms there too: they meet on one device
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])).item()
+    # a model split over devices (a CPU embedding beside CUDA layers) has its norms there too
+    return torch.linalg.vector_norm(stack_on_one_device(torch._foreach_norm([_dense_values(g) for g in grads]))).item()
 
 # %% ../nbs/02_guards.ipynb #d2def63d
 class SavedPoint:

@@ -18,8 +18,8 @@ __all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NS_COEFFICIENTS', 'NS_GROUP_SIDE', 'CELO_
            'flat_guarded_grads', 'cat_views', 'flat_cat', 'split_coords', 'unflatten', 'check_update_args',
            'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
            'StepSizeNet', 'newton_schulz', 'newton_schulz_many', 'CeloNet', 'build_net', 'restore_net', 'check_lr',
-           'check_placement', 'nonfinite_tensors', 'check_step_inputs', 'denormals_flushed', 'check_compile',
-           'compile_update', 'LearnedOptimizer', 'check_states']
+           'check_placement', 'stack_on_one_device', 'nonfinite_tensors', 'check_step_inputs', 'denormals_flushed',
+           'check_compile', 'compile_update', 'LearnedOptimizer', 'check_states']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -570,18 +570,21 @@ def check_placement(params: list[Tensor], net: LearnedNet):
             raise ValueError(f"parameter {i} is on {p.device} but the learned optimizer's net is on {device}; "
                              f"call net.to('{p.device}') (move the model and the net together)")
 
+def stack_on_one_device(tensors: list[Tensor]) -> Tensor:
+    "`torch.stack(tensors)` on the first one's device (per-tensor results of a model split over devices meet there)"
+    device = tensors[0].device
+    if all(t.device == device for t in tensors): return torch.stack(tensors)   # the common case: no copies, each of which costs an op
+    return torch.stack([t.to(device) for t in tensors])
+
 def nonfinite_tensors(tensors: list[Tensor]) -> list[int]:
     "Indices of the tensors that hold a NaN or an infinity (of a sparse tensor: its stored values)"
     if not tensors: return []
     tensors = [t._values() if t.is_sparse else t for t in tensors]
-    device = tensors[0].device
-    one_device = all(t.device == device for t in tensors)   # then no copies to one device, each of which costs an op
-    def stacked(norms): return torch.stack(norms if one_device else [n.to(device) for n in norms])
     # A finite sum of 2-norms proves every entry finite, and it is the fastest check on CPU: the common
     # case costs one synchronisation. An infinite sum may be an overflow of huge finite entries, so the
     # verdict then comes from the max-abs per tensor, which cannot overflow and propagates NaN.
-    if math.isfinite(stacked(torch._foreach_norm(tensors)).sum().item()): return []
-    peaks = stacked(torch._foreach_norm(tensors, math.inf))
+    if math.isfinite(stack_on_one_device(torch._foreach_norm(tensors)).sum().item()): return []
+    peaks = stack_on_one_device(torch._foreach_norm(tensors, math.inf))
     return [i for i, n in enumerate(peaks.tolist()) if not math.isfinite(n)]
 
 def check_step_inputs(params: list[Tensor], net: LearnedNet):
