@@ -106,6 +106,6 @@ def test_celo2_claims(run_notebook):
     assert 0 < r['vs_start'] < math.inf   # the trained net against its start on the unseen tasks: both trained them
     assert len(claims) == 4 and claims[0]['match'] == ('yes' if improved and r['vs_start'] < 1 else 'partly')
     assert ('the kept net is the start' in claims[0]['ours']) != improved
-    assert 0 < r['cost_ratio'] < 10
+    assert 0 < r['cost_ratio'] < 10 and 0 < r['cost_ratio_celo2_size'] < 10
     assert r['in_distribution'] and all(x['speedup'] > 0 and math.isfinite(x['final_loss']) for x in r['in_distribution'])
     assert r['scenarios'] and all(s['diverged'] == 0 and s['speedup'] > 0 for s in r['scenarios'])
