@@ -440,32 +440,40 @@ class CeloNet(LearnedNet):
     def init_state(self, params):
         return [{'m': p.new_zeros(len(self.decays), p.numel()), 'v': p.new_zeros(p.numel())} for p in params]
 
-    def _embedding(self, step: int) -> list[float]:
-        "k (1, tanh(t / tau_1), ...), k = `schedule_mult`: what the rows of `log_lr` are dotted with at step t"
+    def _embedding(self, step: int | Tensor) -> list[float] | Tensor:
+        "k (1, tanh(t / tau_1), ...), k = `schedule_mult`: what the rows of `log_lr` are dotted with at step t (a tensor for a tensor step)"
         k = self.config['schedule_mult']
+        if isinstance(step, Tensor):   # compiled: the step is a 0-d tensor, so that a new step does not compile anew
+            return k * torch.cat([step.new_ones(1), torch.tanh(step / step.new_tensor(self.config['timescales']))])
         return [k] + [k * math.tanh(float(step) / tau) for tau in self.config['timescales']]
 
-    def step_scales(self, step: int) -> Tensor:
+    def step_scales(self, step: int | Tensor) -> Tensor:
         "The learned multipliers exp(k (b + sum_i w_i tanh(t / tau_i))), k = `schedule_mult`, of the matrices' and the other tensors' step sizes at `step`"
-        return torch.exp((self.log_lr @ self.log_lr.new_tensor(self._embedding(step))).clamp(-20.0, 20.0))
+        embed = self._embedding(step)
+        embed = embed.to(self.log_lr.dtype) if isinstance(embed, Tensor) else self.log_lr.new_tensor(embed)
+        return torch.exp((self.log_lr @ embed).clamp(-20.0, 20.0))
 
     def step_scale_numbers(self, step: int) -> list[float]:
         "`step_scales(step)` as two Python numbers, computed without tensor ops (for updates that record no graph)"
         embed = self._embedding(step)
         return [math.exp(min(max(sum(w * e for w, e in zip(row, embed)), -20.0), 20.0)) for row in self.log_lr.tolist()]
 
-    def direction(self, x: Tensor, units: list[float] | None = None) -> Tensor:
-        "The direction [N] of every coordinate: the base direction (features' row 1) plus the MLP's output; the features are `x` [F, N], row i times `units[i]` if given"
+    def direction(self, x: Tensor, units: list[float] | list[Tensor] | None = None) -> Tensor:
+        "The direction [N] of every coordinate: the base direction (features' row 1) plus the MLP's output; the features are `x` [F, N], row i times `units[i]` (numbers, or 0-d tensors when compiled) if given"
         inplace = not torch.is_grad_enabled()
         first, *rest = self.hidden_layers   # (a slice of a ModuleList is a new ModuleList, built at every call)
+        tensor_units = units is not None and isinstance(units[1], Tensor)
         # a row's scale rides on the first layer's small weight, and on the output's base row, not on N coordinates
-        layers = [(first.weight if units is None else first.weight * x.new_tensor(units), first.bias.unsqueeze(1))]
+        scale = None if units is None else torch.stack(units).to(x.dtype) if tensor_units else x.new_tensor(units)
+        layers = [(first.weight if units is None else first.weight * scale, first.bias.unsqueeze(1))]
         layers += [(l.weight, l.bias.unsqueeze(1)) for l in rest]
         outs = []
         for xc in x.split(CELO_CHUNK, 1) if x.shape[1] > CELO_CHUNK else (x,):   # blocks that stay in cache from layer to layer
             h = xc
             for w, b in layers: h = torch.addmm(b, w, h).relu_() if inplace else torch.addmm(b, w, h).relu()
-            out = torch.addmm(xc[1:2], self.output.weight, h, beta=1.0 if units is None else units[1])
+            # addmm's beta must be a number: a tensor unit scales the base row first (compiled, where the two fuse)
+            base, beta = (xc[1:2] * scale[1], 1.0) if tensor_units else (xc[1:2], 1.0 if units is None else units[1])
+            out = torch.addmm(base, self.output.weight, h, beta=beta)
             outs.append(out.add_(self.output.bias) if inplace else out + self.output.bias)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0]
 
@@ -498,7 +506,7 @@ class CeloNet(LearnedNet):
             for i, s in zip(matrices, steps): new[i] = s.view(params[i].shape)
         for i, (q, adam) in enumerate(zip(params, x[1].split(sizes))):
             if new[i] is None: new[i] = _scaled_sum(q, adam.view(q.shape), schedule_other * (-cfg['lr_1d'] * units[1]))
-        return new, [{'m': mi, 'v': vi} for mi, vi in zip(m.split(sizes, 1), v.split(sizes))]
+        return new, [{'m': mi, 'v': vi} for mi, vi in zip(split_coords(m, sizes), v.split(sizes))]
 
     def _features(self, g: Tensor, m: Tensor, v: Tensor, eps2: float, no_graph: bool) -> Tensor:
         "[g; m] * rsqrt(v + eps2), [F, N]; with no graph, written straight into one new tensor (no concatenated copy)"

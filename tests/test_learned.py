@@ -223,7 +223,10 @@ from torch._dynamo.utils import counters
 from lgl2o.learned import check_compile, compile_update
 from lgl2o.pretrained import load_pretrained
 
-COMPILED_NETS = ['lstm-mnist', 'mlp-mnist']
+COMPILED_NETS = ['lstm-mnist', 'mlp-mnist', 'celo-mlpfamily']
+# compiled against eager, relative to the largest update: fused loops round differently, and CeloNet's Newton-Schulz
+# polynomial amplifies rounding (on these small matrices its eager float32 update is itself up to 1e-3 from float64's)
+UPDATE_TOL = {'lstm-mnist': 1e-4, 'mlp-mnist': 1e-4, 'celo-mlpfamily': 3e-3}
 
 
 @pytest.fixture(scope='module')
@@ -255,7 +258,7 @@ def test_compiled_update_equals_eager_without_recompiling(compiled, name):
             new, states['eager'] = net.update(params, grads, states['eager'], step)
             new_c, states['compiled'] = fast(params, grads, states['compiled'], step)
             if step == 0: graphs = counters['stats']['unique_graphs']   # the first call compiles
-            assert close([n - p for n, p in zip(new, params)], [n - p for n, p in zip(new_c, params)], 1e-4)   # the update
+            assert close([n - p for n, p in zip(new, params)], [n - p for n, p in zip(new_c, params)], UPDATE_TOL[name])   # the update
             for se, sc in zip(states['eager'], states['compiled']):
                 assert close(list(se.values()), [sc[k] for k in se], 1e-3)
             for p, n in zip(model.parameters(), new): p.copy_(n)
@@ -273,7 +276,7 @@ def test_optimizer_compile_option_state_dict_copy_and_pickle(compiled, name):
     def step_both(pairs, batch):
         for m, o in pairs: o.zero_grad(); task.loss(m, batch).backward(); o.step()
     for _ in range(3): step_both([(eager_model, eager), (fast_model, fast)], next(batches))
-    assert close(list(eager_model.parameters()), list(fast_model.parameters()), 1e-4)
+    assert close(list(eager_model.parameters()), list(fast_model.parameters()), UPDATE_TOL[name])
     # state_dict round trip into a new compiled optimizer, a deepcopy and a pickle: all continue as the original
     twin_model = copy.deepcopy(fast_model)
     twin = LearnedOptimizer(twin_model.parameters(), net, compile=True)
