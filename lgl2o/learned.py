@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +20,9 @@ from torch import Tensor, nn
 __all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NS_COEFFICIENTS', 'NS_GROUP_SIDE', 'CELO_CHUNK', 'NETS', 'LearnedNet', 'guard_grads',
            'flat_guarded_grads', 'cat_views', 'flat_cat', 'split_coords', 'unflatten', 'check_update_args',
            'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
-           'StepSizeNet', 'newton_schulz', 'newton_schulz_many', 'CeloNet', 'build_net', 'restore_net', 'check_lr',
-           'check_placement', 'stack_on_one_device', 'nonfinite_tensors', 'check_step_inputs', 'denormals_flushed',
-           'check_compile', 'compile_update', 'LearnedOptimizer', 'check_states']
+           'StepSizeNet', 'newton_schulz', 'newton_schulz_many', 'CeloNet', 'celo_kernel', 'build_net', 'restore_net',
+           'check_lr', 'check_placement', 'stack_on_one_device', 'nonfinite_tensors', 'check_step_inputs',
+           'denormals_flushed', 'check_compile', 'compile_update', 'LearnedOptimizer', 'check_states']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -48,9 +51,9 @@ def guard_grads(g: Tensor) -> Tensor:
     "Gradients made safe for the nets' features: NaN -> 0, magnitudes clipped to `GRAD_LIMIT`"
     return torch.nan_to_num(g, nan=0.0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT).clamp(-GRAD_LIMIT, GRAD_LIMIT)
 
-def flat_guarded_grads(grads: list[Tensor]) -> Tensor:
-    "`guard_grads(flat_cat(grads))`, the vector [N] of every gradient; guarded in place when it is a fresh copy and no graph is recorded"
-    g = flat_cat(grads)
+def flat_guarded_grads(grads: list[Tensor], flat: Tensor | None = None) -> Tensor:
+    "`guard_grads(flat_cat(grads))`, the vector [N] of every gradient (`flat`: that `flat_cat`, if made already); guarded in place when it is a fresh copy and no graph is recorded"
+    g = flat_cat(grads) if flat is None else flat
     # flat_cat hands back the gradients' own storage when they are views of one flat buffer: only a copy may be overwritten
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or g.data_ptr() == grads[0].data_ptr(): return guard_grads(g)
     return g.clamp_(-GRAD_LIMIT, GRAD_LIMIT).nan_to_num_(0.0)   # clamp keeps a NaN, which then becomes 0: guard_grads' result
@@ -477,36 +480,63 @@ class CeloNet(LearnedNet):
             outs.append(out.add_(self.output.bias) if inplace else out + self.output.bias)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0]
 
+    use_fused_kernel = True   # with one hidden layer, on CPU, with no graph: the per-coordinate work in one compiled loop (`celo_kernel`)
+
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
         cfg, sizes, t = self.config, tuple(p.numel() for p in params), step + 1
         # no graph recorded (and not compiled, where the tensor ops fuse): the ops may write into the tensors they have just made
         no_graph = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        g = flat_guarded_grads(grads)
-        m = torch.lerp(g.expand(len(self.decays), -1), cat_views([s['m'] for s in states], 1), self.decays.unsqueeze(1))   # beta m + (1 - beta) g
-        v = torch.lerp(g * g, cat_views([s['v'] for s in states]), cfg['beta2'])
+        g, m, v = flat_cat(grads), cat_views([s['m'] for s in states], 1), cat_views([s['v'] for s in states])
         # Adam's 1 / (sqrt(v_hat) + eps), nearly, is rsqrt(v / c + eps^2) = sqrt(c) rsqrt(v + c eps^2), c = 1 - beta2^t; the factor
         # sqrt(c) and the momenta's bias corrections are constants per feature row: they ride on the first layer's small weight
         # and on the one row that needs them, instead of on every coordinate of every feature
         c = 1 - cfg['beta2'] ** t
-        x = self._features(g, m, v, c * cfg['eps'] ** 2, no_graph)   # the gradient and the momenta, over sqrt(v)
         units = [c ** 0.5] + [c ** 0.5 / (1 - d ** t) for d in cfg['decays']]   # each row times this: Adam's units
+        matrices = [i for i, q in enumerate(params) if q.ndim >= 2]
+        kernel = self._fused_kernel(g, m, v) if no_graph else None
+        if kernel is not None:   # one array holds the matrices' directions and the other tensors' Adam directions (features' row 1)
+            out, m, v = self._fused_coordinates(kernel, g, m, v, sizes, tuple(q.ndim >= 2 for q in params), c * cfg['eps'] ** 2, units)
+            d = adam = out.split(sizes)
+        else:
+            g = flat_guarded_grads(grads, g)
+            m = torch.lerp(g.expand(len(self.decays), -1), m, self.decays.unsqueeze(1))   # beta m + (1 - beta) g
+            v = torch.lerp(g * g, v, cfg['beta2'])
+            x = self._features(g, m, v, c * cfg['eps'] ** 2, no_graph)   # the gradient and the momenta, over sqrt(v)
+            d = self.direction(x, units).split(sizes) if matrices else None
+            adam = x[1].split(sizes)
         # the step sizes: the learned schedule (Python numbers when no graph is recorded) times constants that ride on the
         # ops using them, the other tensors' with the factor that turns row 1 into Adam's direction
         schedule_matrix, schedule_other = self.step_scale_numbers(step) if no_graph else self.step_scales(step).unbind()
-        matrices = [i for i, q in enumerate(params) if q.ndim >= 2]
         new = [None] * len(params)
         if matrices:
-            d = self.direction(x, units).split(sizes)
             # rows x the rest (a copy only for a layout rows cannot be viewed in, e.g. a channels_last convolution's weight)
             as_2d = [params[i].reshape(params[i].shape[0], math.prod(params[i].shape[1:])) for i in matrices]
             # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
             steps = newton_schulz_many([d[i].view(q.shape) for i, q in zip(matrices, as_2d)], cfg['ns_steps'],
                                        scales=[schedule_matrix * (-cfg['lr'] * math.sqrt(max(q.shape))) for q in as_2d], add_to=as_2d)
             for i, s in zip(matrices, steps): new[i] = s.view(params[i].shape)
-        for i, (q, adam) in enumerate(zip(params, x[1].split(sizes))):
-            if new[i] is None: new[i] = _scaled_sum(q, adam.view(q.shape), schedule_other * (-cfg['lr_1d'] * units[1]))
+        for i, (q, a) in enumerate(zip(params, adam)):
+            if new[i] is None: new[i] = _scaled_sum(q, a.view(q.shape), schedule_other * (-cfg['lr_1d'] * units[1]))
         return new, [{'m': mi, 'v': vi} for mi, vi in zip(split_coords(m, sizes), v.split(sizes))]
+
+    def _fused_kernel(self, g: Tensor, m: Tensor, v: Tensor):
+        "`celo_kernel` for this net, or None where the tensor ops must run: another MLP depth or device, a wrapped tensor (vmap), no numba"
+        w = self.hidden_layers[0].weight
+        if not self.use_fused_kernel or len(self.hidden_layers) != 1 or w.device.type != 'cpu' or w.dtype not in (torch.float32, torch.float64): return None
+        plain = lambda t: t.device.type == 'cpu' and t.dtype == w.dtype and t.is_contiguous() and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        return celo_kernel(len(self.decays), w.shape[0]) if plain(g) and plain(m) and plain(v) else None
+
+    def _fused_coordinates(self, kernel, g: Tensor, m: Tensor, v: Tensor, sizes: tuple, is_matrix: tuple, eps2: float, units: list) -> tuple:
+        "`kernel`'s (out [N], m [K, N], v [N]): out holds each matrix coordinate's direction and each other coordinate's feature row 1"
+        first, dtype = self.hidden_layers[0], np.float32 if g.dtype == torch.float32 else np.float64
+        gg, v_out, out, m_out = g.new_empty(g.shape), g.new_empty(g.shape), g.new_empty(g.shape), g.new_empty(m.shape)
+        w1 = first.weight.detach().numpy() * np.asarray(units, dtype)   # the rows' units ride on the first layer, as in `direction`
+        kernel(g.detach().numpy(), m.detach().numpy(), v.detach().numpy(), *_segments(sizes, is_matrix), self.decays.numpy(),
+               dtype(self.config['beta2']), dtype(eps2), dtype(GRAD_LIMIT), dtype(0), dtype(1), w1, first.bias.detach().numpy(),
+               self.output.weight.detach()[0].numpy(), dtype(self.output.bias.item()), dtype(units[1]),
+               gg.numpy(), m_out.numpy(), v_out.numpy(), out.numpy())
+        return out, m_out, v_out
 
     def _features(self, g: Tensor, m: Tensor, v: Tensor, eps2: float, no_graph: bool) -> Tensor:
         "[g; m] * rsqrt(v + eps2), [F, N]; with no graph, written straight into one new tensor (no concatenated copy)"
@@ -515,6 +545,64 @@ class CeloNet(LearnedNet):
         x = g.new_empty(len(m) + 1, len(g))
         torch.mul(g, r, out=x[0]); torch.mul(m, r, out=x[1:])
         return x
+
+# %% ../nbs/01_learned.ipynb #23a38190
+def _numba():
+    "numba, or None where it cannot be imported (its import takes about 0.3 s, so it happens at the first fused step)"
+    try: import numba
+    except ImportError: return None
+    return numba
+
+@functools.lru_cache(maxsize=None)
+def celo_kernel(n_momenta: int, hidden: int):
+    "CeloNet's per-coordinate work (moments, features, a one-hidden-layer MLP) as one numba-compiled loop over the coordinates, or None without numba"
+    numba = _numba()
+    if numba is None: return None
+    K, H = n_momenta, hidden   # constants of the compiled code: the loops over them unroll and the loop over coordinates vectorises
+    # Loops over coordinates run over unsigned indices: with signed ones numba guards every index against wrap-around,
+    # and that stops LLVM vectorising them (4x slower). Each loop touches few arrays, for the same reason.
+    @numba.njit(error_model='numpy', nogil=True, cache=True)
+    def kernel(g, m, v, ends, is_matrix, decays, beta2, eps2, limit, zero, one, w1, b1, wo, bo, beta, gg, m_out, v_out, out):
+        start, half = np.uint64(0), one / (one + one)
+        for seg in range(ends.shape[0]):
+            end = np.uint64(ends[seg])
+            for i in range(start, end):   # guard_grads: NaN -> 0, magnitudes clipped to limit
+                gi = g[i]
+                gi = gi if gi == gi else zero
+                gi = gi if gi < limit else limit
+                gg[i] = gi if gi > -limit else -limit
+            # the moments are torch.lerp(g, old, decay) as torch computes it: from the nearer end, so that g^2 (1 - beta2)
+            # is not the difference of two nearly equal numbers
+            for i in range(start, end):   # the second moment, and out = 1 / sqrt(v + eps2) for now
+                g2 = gg[i] * gg[i]
+                vi = g2 + beta2 * (v[i] - g2) if beta2 < half else v[i] - (v[i] - g2) * (one - beta2)
+                v_out[i] = vi
+                out[i] = one / np.sqrt(vi + eps2)
+            for k in range(K):
+                d = decays[k]
+                if d < half:
+                    for i in range(start, end): m_out[k, i] = gg[i] + d * (m[k, i] - gg[i])
+                else:
+                    for i in range(start, end): m_out[k, i] = m[k, i] - (m[k, i] - gg[i]) * (one - d)
+            if is_matrix[seg]:   # the direction: beta x_1 + the MLP of the features x = (g, m_1, ..., m_K) / sqrt(v + eps2)
+                for i in range(start, end):
+                    r = out[i]
+                    o = bo + beta * r * m_out[0, i]
+                    for j in range(H):
+                        s = w1[j, 0] * gg[i]
+                        for k in range(K): s += w1[j, k + 1] * m_out[k, i]
+                        s = b1[j] + r * s
+                        o += wo[j] * (s if s > zero else zero)
+                    out[i] = o
+            else:                # other tensors: the feature x_1, Adam's direction in units of the first momentum's
+                for i in range(start, end): out[i] *= m_out[0, i]
+            start = end
+    return kernel
+
+@functools.lru_cache(maxsize=64)
+def _segments(sizes: tuple, is_matrix: tuple) -> tuple:
+    "The tensors as `celo_kernel` reads them: their ends in the flat vector (int64) and which are matrices"
+    return np.cumsum(sizes, dtype=np.int64), np.array(is_matrix, dtype=np.bool_)
 
 # %% ../nbs/01_learned.ipynb #908de746
 NETS = {'lstm': LSTMNet, 'mlp': MLPNet, 'nominal': NominalNet, 'stepsize': StepSizeNet, 'celo': CeloNet}
