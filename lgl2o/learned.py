@@ -20,9 +20,10 @@ from torch import Tensor, nn
 __all__ = ['GRAD_LIMIT', 'MLP_CHUNK', 'NS_COEFFICIENTS', 'NS_GROUP_SIDE', 'CELO_CHUNK', 'NETS', 'LearnedNet', 'guard_grads',
            'flat_guarded_grads', 'cat_views', 'flat_cat', 'split_coords', 'unflatten', 'check_update_args',
            'lstm_preprocess', 'LSTMNet', 'segment_rms_normalize', 'factored_second_moments', 'MLPNet', 'NominalNet',
-           'StepSizeNet', 'newton_schulz', 'newton_schulz_many', 'CeloNet', 'celo_kernel', 'build_net', 'restore_net',
-           'check_lr', 'check_placement', 'stack_on_one_device', 'nonfinite_tensors', 'check_step_inputs',
-           'denormals_flushed', 'check_compile', 'compile_update', 'LearnedOptimizer', 'check_states']
+           'StepSizeNet', 'newton_schulz', 'ns_kernel', 'newton_schulz_many', 'CeloNet', 'celo_kernel', 'build_net',
+           'restore_net', 'check_lr', 'check_placement', 'stack_on_one_device', 'nonfinite_tensors',
+           'check_step_inputs', 'denormals_flushed', 'check_compile', 'compile_update', 'LearnedOptimizer',
+           'check_states']
 
 # %% ../nbs/01_learned.ipynb #c627aa04
 class LearnedNet(nn.Module):
@@ -373,16 +374,74 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 # %% ../nbs/01_learned.ipynb #c6cf056e
-NS_GROUP_SIDE = 64   # matrices whose short side is at most this share one block-diagonal polynomial in newton_schulz_many
+NS_GROUP_SIDE = 64   # matrices whose short side is at most this share one call for their polynomials in newton_schulz_many
+
+def _numba():
+    "numba, or None where it cannot be imported (its import takes about 0.3 s, so it happens at the first compiled call)"
+    try: import numba
+    except ImportError: return None
+    return numba
+
+@functools.lru_cache(maxsize=None)
+def ns_kernel():
+    "The numba-compiled loop behind `newton_schulz_many` on CPU: the scaled polynomials P of many small Gram matrices in one call; None without numba"
+    numba = _numba()
+    if numba is None: return None
+    @numba.njit(error_model='numpy', nogil=True, cache=True)
+    def polynomials(grams, sides, steps, eps2, scales, ca, cb, cc, polys):
+        # grams and polys: the s x s matrices one after another, flattened; P = (scale / |x|) q_steps ... q_1 of G / |x|^2.
+        # The products go to BLAS (through scipy), single-threaded at these sizes
+        at = 0
+        for n in range(sides.shape[0]):
+            s = sides[n]
+            gram = grams[at:at + s * s].reshape((s, s))
+            norm2 = eps2
+            for i in range(s): norm2 += gram[i, i]   # the trace of x x^T: |x|^2
+            g, poly = gram / norm2, np.eye(s, dtype=gram.dtype)
+            for k in range(steps):
+                q = cb * g + cc * (g @ g)
+                for i in range(s): q[i, i] += ca
+                poly = q @ poly
+                if k < steps - 1: g = q @ g @ q   # the last step's Gram matrix is never used
+            polys[at:at + s * s] = (poly * (scales[n] / np.sqrt(norm2))).ravel()
+            at += s * s
+    return polynomials
+
+def _compiled_ns(xs: list[Tensor], scales: list) -> list[int]:
+    "Which of `xs` `ns_kernel` takes: short side at most NS_GROUP_SIDE, on CPU in float32 or float64, a number or no scale, no graph"
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or ns_kernel() is None: return []
+    return [i for i, (x, s) in enumerate(zip(xs, scales)) if min(x.shape) <= NS_GROUP_SIDE and x.device.type == 'cpu'
+            and x.dtype in (torch.float32, torch.float64) and not isinstance(s, Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(x)]
+
+def _ns_compiled(xs: list[Tensor], steps: int, eps: float, scales: list, add_to: list) -> list[Tensor]:
+    "`newton_schulz` of small matrices of one dtype: Gram matrices and products with the long side by torch, the polynomials by `ns_kernel`"
+    wide = [x.shape[0] <= x.shape[1] for x in xs]
+    shorts = [x if w else x.T for x, w in zip(xs, wide)]
+    grams = torch.cat([(y @ y.T).reshape(-1) for y in shorts])
+    polys, dtype = torch.empty_like(grams), np.float32 if grams.dtype == torch.float32 else np.float64
+    sides = np.array([len(y) for y in shorts], dtype=np.int64)
+    ns_kernel()(grams.numpy(), sides, steps, dtype(eps * eps), np.array([1.0 if s is None else s for s in scales], dtype),
+                *(dtype(c) for c in NS_COEFFICIENTS), polys.numpy())
+    out, at = [], 0
+    for x, y, w, a in zip(xs, shorts, wide, add_to):
+        p, at = polys[at:at + len(y) ** 2].view(len(y), len(y)), at + len(y) ** 2
+        if a is None: out.append(p @ y if w else x @ p.T)
+        else: out.append(torch.addmm(a, p, y) if w else torch.addmm(a, x, p.T))
+    return out
 
 def newton_schulz_many(xs: list[Tensor], steps: int = 5, eps: float = 1e-7,
                        scales: list | None = None,    # per matrix: a number, a 0-d tensor or None (see newton_schulz's scale)
-                       add_to: list | None = None     # per matrix: a tensor shaped like it, or None
+                       add_to: list | None = None,    # per matrix: a tensor shaped like it, or None
+                       compiled: bool = True          # let `ns_kernel` compute the polynomials where it can (False: tensor ops only)
                       ) -> list[Tensor]:
-    "`newton_schulz` of each matrix in `xs`, with the small ones' polynomials computed at once, of their block-diagonal Gram matrix"
+    "`newton_schulz` of each matrix in `xs`, with the small ones' polynomials computed in one call: `ns_kernel`'s on CPU with no graph, else of their block-diagonal Gram matrix"
     scales, add_to = scales or [None] * len(xs), add_to or [None] * len(xs)
-    small = [i for i, x in enumerate(xs) if min(x.shape) <= NS_GROUP_SIDE]
     out = [None] * len(xs)
+    for dtype in (torch.float32, torch.float64):
+        ids = [i for i in _compiled_ns(xs, scales) if xs[i].dtype == dtype] if compiled else []
+        if ids:
+            for i, o in zip(ids, _ns_compiled([xs[i] for i in ids], steps, eps, [scales[i] for i in ids], [add_to[i] for i in ids])): out[i] = o
+    small = [i for i, x in enumerate(xs) if out[i] is None and min(x.shape) <= NS_GROUP_SIDE]
     if len(small) > 1:
         units = [_unit_short_side(xs[i], eps) for i in small]
         grams = [y @ y.T for y, _ in units]
@@ -480,7 +539,7 @@ class CeloNet(LearnedNet):
             outs.append(out.add_(self.output.bias) if inplace else out + self.output.bias)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1))[0]
 
-    use_fused_kernel = True   # with one hidden layer, on CPU, with no graph: the per-coordinate work in one compiled loop (`celo_kernel`)
+    use_fused_kernel = True   # on CPU with no graph: compiled loops for the per-coordinate work (`celo_kernel`, one hidden layer) and Newton-Schulz (`ns_kernel`)
 
     def update(self, params, grads, states, step):
         check_update_args(params, grads, states)
@@ -514,7 +573,8 @@ class CeloNet(LearnedNet):
             as_2d = [params[i].reshape(params[i].shape[0], math.prod(params[i].shape[1:])) for i in matrices]
             # an orthogonal m x n matrix has RMS 1 / sqrt(max(m, n)): the step's RMS is lr
             steps = newton_schulz_many([d[i].view(q.shape) for i, q in zip(matrices, as_2d)], cfg['ns_steps'],
-                                       scales=[schedule_matrix * (-cfg['lr'] * math.sqrt(max(q.shape))) for q in as_2d], add_to=as_2d)
+                                       scales=[schedule_matrix * (-cfg['lr'] * math.sqrt(max(q.shape))) for q in as_2d], add_to=as_2d,
+                                       compiled=self.use_fused_kernel)
             for i, s in zip(matrices, steps): new[i] = s.view(params[i].shape)
         for i, (q, a) in enumerate(zip(params, adam)):
             if new[i] is None: new[i] = _scaled_sum(q, a.view(q.shape), schedule_other * (-cfg['lr_1d'] * units[1]))
@@ -547,12 +607,6 @@ class CeloNet(LearnedNet):
         return x
 
 # %% ../nbs/01_learned.ipynb #23a38190
-def _numba():
-    "numba, or None where it cannot be imported (its import takes about 0.3 s, so it happens at the first fused step)"
-    try: import numba
-    except ImportError: return None
-    return numba
-
 @functools.lru_cache(maxsize=None)
 def celo_kernel(n_momenta: int, hidden: int):
     "CeloNet's per-coordinate work (moments, features, a one-hidden-layer MLP) as one numba-compiled loop over the coordinates, or None without numba"

@@ -1,4 +1,5 @@
 """The shipped general-purpose learned optimizer (CeloNet meta-trained on MLPFamily) and the speed-up metric it is judged by."""
+import copy
 import math
 
 import torch
@@ -154,3 +155,41 @@ def test_channels_last_convolutions_train_as_contiguous_ones():
         runs.append(model)
     assert last[0].weight.is_contiguous(memory_format=torch.channels_last)   # the step kept the model's layout
     for a, b in zip(*(r.parameters() for r in runs)): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_loops_follow_the_tensor_ops_along_a_run():
+    "Along 40 MNIST steps, each update of the compiled CPU loops is the tensor ops' update from the same state, to float32 rounding"
+    net = load_pretrained(NAME)
+    with torch.no_grad():   # a non-zero MLP output too, so that the MLP is compared and not only the Adam direction
+        net.output.weight.normal_(0, 0.3); net.hidden_layers[0].weight.normal_(0, 0.5)
+    tensor_ops = copy.deepcopy(net); tensor_ops.use_fused_kernel = False
+    task = mnist_mlp()
+    model, batches = task.init(0), task.batches(0)
+    params = list(model.parameters())
+    states, worst = net.init_state(params), 0.0
+    for step in range(40):
+        grads = torch.autograd.grad(task.loss(model, next(batches)), params)
+        with torch.no_grad():
+            (new, new_states), (want, want_states) = (n.update(params, grads, states, step) for n in (net, tensor_ops))
+            for p, a, b in zip(params, new, want): worst = max(worst, ((a - b).abs().max() / (b - p).abs().max()).item())
+            for a, b in zip(new_states, want_states):
+                for k in ('m', 'v'): assert (a[k] - b[k]).abs().max() <= 1e-5 * b[k].abs().max()
+            for p, a in zip(params, new): p.copy_(a)
+        states = new_states
+    # the directions agree to 3e-7; Newton-Schulz magnifies that along a direction's small singular values (the output
+    # layer's at step 2 is 1e-2 of its largest), to 3e-4 of the step there and about 1e-6 elsewhere
+    assert worst < 1e-3, worst
+
+
+def test_compiled_loops_run_where_they_can_and_only_there():
+    "The compiled loops take CPU float32 and float64 with one hidden layer; a deeper MLP, another dtype or the switch off take tensor ops"
+    net = load_pretrained(NAME)
+    g, m, v = torch.randn(10), torch.zeros(3, 10), torch.zeros(10)
+    assert net._fused_kernel(g, m, v) is not None
+    assert net.double()._fused_kernel(g.double(), m.double(), v.double()) is not None
+    assert net._fused_kernel(g, m, v) is None   # the net is float64 now, the tensors float32
+    assert CeloNet(layers=2)._fused_kernel(g, m, v) is None
+    off = CeloNet(hidden=4, layers=1); off.use_fused_kernel = False
+    assert off._fused_kernel(g, m, v) is None
+    assert CeloNet(hidden=4, layers=1)._fused_kernel(g, m[:, ::2].repeat(1, 2), v) is not None
+    assert CeloNet(hidden=4, layers=1)._fused_kernel(g, torch.zeros(10, 3).T, v) is None   # not contiguous

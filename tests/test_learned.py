@@ -34,13 +34,14 @@ def test_learned_notebook_results(run_notebook):
     "The timing cell measured every net and Adam, and the cheap nets are cheap"
     _, res = run_notebook(NBS / '01_learned.ipynb')
     sps = res['seconds_per_step']
-    assert set(sps) == {'adam', *KINDS}
+    assert set(sps) == {'adam', *KINDS, 'celo 1 x 4', 'celo 1 x 4, tensor ops'}
     assert all(0 < s < 1 for s in sps.values())
     assert res['ratio_to_adam']['adam'] == 1.0
     # loose bounds (the CPU is shared): the step-size net costs about one Adam step, the MLP a few
     assert res['ratio_to_adam']['stepsize'] < 3
     assert res['ratio_to_adam']['mlp'] < 10
     assert res['ratio_to_adam']['celo'] < 10
+    assert res['ratio_to_adam']['celo 1 x 4'] < 10 and res['ratio_to_adam']['celo 1 x 4, tensor ops'] < 10
 
 
 @pytest.mark.parametrize('kind', KINDS)
