@@ -857,6 +857,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for p, s in zip(every, self.net.init_state(every)):
             if not self.state[p]: self.state[p] = {'step': torch.tensor(0.0), **s}
 
+    def _by_step_count(self, params: list[Tensor]) -> dict[int, list[int]]:
+        "The indices of `params` by the steps each has taken (torch.optim counts per parameter: a layer unfrozen later has taken fewer)"
+        counters = [self.state[p]['step'] for p in params]
+        value = {id(t): int(t.item()) for t in {id(t): t for t in counters}.values()}   # each shared counter read once
+        groups = {}
+        for i, t in enumerate(counters): groups.setdefault(value[id(t)], []).append(i)
+        return groups
+
     @torch.no_grad()
     def step(self, closure=None):
         "One learned update of every parameter that has a gradient; returns the closure's loss"
@@ -869,16 +877,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
         with denormals_flushed():
             check_step_inputs(params, self.net)  # before any state changes: a refused step leaves everything as it was
             self._init_missing_states()
-            states = [{k: v for k, v in self.state[p].items() if k != 'step'} for p in params]
-            step = int(max(t.item() for t in {id(t): t for t in (self.state[p]['step'] for p in params)}.values()))   # each shared counter read once
-            new_params, new_states = self._update_fn()(params, [p.grad for p in params], states, step)
+            new_params, new_states, counts = [None] * len(params), [None] * len(params), [None] * len(params)
+            for step, ids in self._by_step_count(params).items():
+                ps = [params[i] for i in ids]
+                states = [{k: v for k, v in self.state[p].items() if k != 'step'} for p in ps]
+                done, done_states = self._update_fn()(ps, [p.grad for p in ps], states, step)
+                count = torch.tensor(float(step + 1))   # one counter shared by these states (a step replaces state tensors, never writes into them)
+                for i, new, s in zip(ids, done, done_states): new_params[i], new_states[i], counts[i] = new, s, count
         if all(lr == 1 for lr, _ in active): torch._foreach_copy_(params, new_params)   # one op for every tensor
         else:
             for (lr, p), new in zip(active, new_params):
                 if lr == 1: p.copy_(new)
                 else: p.add_(new - p, alpha=lr)
-        count = torch.tensor(float(step + 1))   # one counter shared by this step's states (a step replaces state tensors, never writes into them)
-        for p, s in zip(params, new_states): self.state[p] = {'step': count, **s}
+        for p, s, count in zip(params, new_states, counts): self.state[p] = {'step': count, **s}
         return loss
 
 # %% ../nbs/01_learned.ipynb #5d2789a5

@@ -362,6 +362,27 @@ def test_freezing_and_unfreezing_after_the_guard_is_built_follows_the_plain_loop
     assert_same_state(opt.state_dict()['state'], fallback_state(guard))
 
 
+def test_a_layer_unfrozen_later_starts_at_its_own_step_count_as_in_torch_optim():
+    "torch.optim counts steps per parameter: a vector unfrozen at step 5 gets Adam's bias correction of step 1, also from a learned optimizer"
+    # CeloNet moves vectors by Adam's step (eps inside the root; no schedule here), so torch.optim.Adam is its reference loop
+    net = build_net('celo', hidden=4, layers=1, decays=(0.9,), beta2=0.999, lr_1d=0.01, timescales=(), eps=1e-8)
+    start = [torch.randn(5, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+
+    def run(make_opt):
+        a, b = (nn.Parameter(t.clone()) for t in start)
+        opt = make_opt([a, b])
+        for i in range(12):
+            b.requires_grad_(i >= 5)   # frozen for the first 5 steps
+            opt.zero_grad()
+            loss = ((a - 1) ** 2).sum() + ((3 * (b + 2) ** 2).sum() if b.requires_grad else 0)
+            loss.backward(); opt.step()
+        return [a.detach(), b.detach()], [float(opt.state[p]['step']) for p in (a, b)]
+
+    (got, got_steps), (want, want_steps) = run(lambda ps: LearnedOptimizer(ps, net)), run(lambda ps: torch.optim.Adam(ps, lr=0.01))
+    assert got_steps == want_steps == [12.0, 7.0]
+    for g, w in zip(got, want): torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_a_learned_optimizer_with_frozen_layers_moves_only_the_trainable_ones():
     model = small_net()
     model[0].requires_grad_(False)
