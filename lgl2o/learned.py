@@ -849,6 +849,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         except ValueError:
             super().load_state_dict(saved)
             raise
+        if self.compile_options is not None:   # eager states are views of one flat result: lay them out as the compiled update's own
+            for p, s in self.state.items(): self.state[p] = {k: v.contiguous() for k, v in s.items()}
 
     def _init_missing_states(self):
         "Give parameters without a state the net's initial state, indexed over all parameters in group order"

@@ -292,6 +292,25 @@ def test_optimizer_compile_option_state_dict_copy_and_pickle(compiled, name):
     assert float(pickled.state[next(pickled_model.parameters())]['step']) == 4
 
 
+@pytest.mark.parametrize('name', COMPILED_NETS)
+def test_a_compiled_optimizer_resumed_from_an_eager_checkpoint_compiles_once(compiled, name):
+    "Eager states are views of one flat result; loaded into a compiled optimizer they are laid out as its own, so no second compile"
+    net, _, task = compiled[name]
+    eager_model, batches = task.init(0), task.batches(0)
+    eager = LearnedOptimizer(eager_model.parameters(), net)
+    for _ in range(3):
+        eager.zero_grad(); task.loss(eager_model, next(batches)).backward(); eager.step()
+    fast_model = copy.deepcopy(eager_model)
+    fast = LearnedOptimizer(fast_model.parameters(), net, compile=True)
+    fast.load_state_dict(eager.state_dict())
+    for step in range(3):
+        batch = next(batches)
+        for m, o in ((eager_model, eager), (fast_model, fast)): o.zero_grad(); task.loss(m, batch).backward(); o.step()
+        if step == 0: graphs = counters['stats']['unique_graphs']
+    assert counters['stats']['unique_graphs'] == graphs, "the resumed states' layout compiled the update a second time"
+    assert close(list(eager_model.parameters()), list(fast_model.parameters()), UPDATE_TOL[name])
+
+
 def test_compile_option_errors(monkeypatch):
     net = build_net('lstm')
     assert check_compile(False, net) is None and check_compile(True, net) == {}
