@@ -437,10 +437,10 @@ def newton_schulz_many(xs: list[Tensor], steps: int = 5, eps: float = 1e-7,
     "`newton_schulz` of each matrix in `xs`, with the small ones' polynomials computed in one call: `ns_kernel`'s on CPU with no graph, else of their block-diagonal Gram matrix"
     scales, add_to = scales or [None] * len(xs), add_to or [None] * len(xs)
     out = [None] * len(xs)
-    for dtype in (torch.float32, torch.float64):
-        ids = [i for i in _compiled_ns(xs, scales) if xs[i].dtype == dtype] if compiled else []
-        if ids:
-            for i, o in zip(ids, _ns_compiled([xs[i] for i in ids], steps, eps, [scales[i] for i in ids], [add_to[i] for i in ids])): out[i] = o
+    fast = _compiled_ns(xs, scales) if compiled else []
+    for dtype in {xs[i].dtype for i in fast}:   # one call per dtype
+        ids = [i for i in fast if xs[i].dtype == dtype]
+        for i, o in zip(ids, _ns_compiled([xs[i] for i in ids], steps, eps, [scales[i] for i in ids], [add_to[i] for i in ids])): out[i] = o
     small = [i for i, x in enumerate(xs) if out[i] is None and min(x.shape) <= NS_GROUP_SIDE]
     if len(small) > 1:
         units = [_unit_short_side(xs[i], eps) for i in small]
