@@ -552,10 +552,11 @@ class CeloNet(LearnedNet):
         # and on the one row that needs them, instead of on every coordinate of every feature
         c = 1 - cfg['beta2'] ** t
         units = [c ** 0.5] + [c ** 0.5 / (1 - d ** t) for d in cfg['decays']]   # each row times this: Adam's units
-        matrices = [i for i, q in enumerate(params) if q.ndim >= 2]
+        is_matrix = tuple(q.ndim >= 2 for q in params)
+        matrices = [i for i, flag in enumerate(is_matrix) if flag]
         kernel = self._fused_kernel(g, m, v) if no_graph else None
         if kernel is not None:   # one array holds the matrices' directions and the other tensors' Adam directions (features' row 1)
-            out, m, v = self._fused_coordinates(kernel, g, m, v, sizes, tuple(q.ndim >= 2 for q in params), c * cfg['eps'] ** 2, units)
+            out, m, v = self._fused_coordinates(kernel, g, m, v, sizes, is_matrix, c * cfg['eps'] ** 2, units)
             d = adam = out.split(sizes)
         else:
             g = flat_guarded_grads(grads, g)
